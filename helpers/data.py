@@ -46,7 +46,7 @@ def class_folder(key: str) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The listing of a dataset: keys relative to ``url``, classes, and the official split if any."""
+    """The listing of a dataset: keys relative to ``url``, classes, the official split if any."""
 
     url: str
     keys: tuple[str, ...]
@@ -71,7 +71,8 @@ def list_images(url: str, options: dict | None = None) -> Manifest:
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
     keys = sorted(
-        p[len(root) + 1 :] for p in fs.find(storage.split_url(images)[1])
+        p[len(root) + 1 :]
+        for p in fs.find(storage.split_url(images)[1])
         if p.lower().endswith(IMAGE_SUFFIXES)
     )
     if not keys:
@@ -104,8 +105,9 @@ def load_manifest(url: str, options: dict | None = None, refresh: bool = False) 
 
 def write_manifest(manifest: Manifest, options: dict | None = None) -> None:
     fs = storage.filesystem(manifest.url, options)
-    fs.pipe_file(storage.split_url(storage.join(manifest.url, MANIFEST))[1],
-                 manifest.to_json().encode())
+    fs.pipe_file(
+        storage.split_url(storage.join(manifest.url, MANIFEST))[1], manifest.to_json().encode()
+    )
 
 
 def _official_split(url: str, options: dict | None) -> dict[str, list[str]]:
@@ -124,11 +126,11 @@ def _official_split(url: str, options: dict | None) -> dict[str, list[str]]:
 
 def read_mat_list(raw: bytes) -> list[str]:
     """The ``file_list`` of an official ``*_list.mat`` file: ``wnid-breed/wnid_n.jpg`` strings."""
+    import numpy as np
     from scipy.io import loadmat
 
-    mat = loadmat(io.BytesIO(raw))
-    return [str(item[0][0]) if hasattr(item[0], "__len__") else str(item[0])
-            for item in mat["file_list"]]
+    cells = loadmat(io.BytesIO(raw))["file_list"].ravel()  # (N, 1) cells of 1-element arrays
+    return [str(np.asarray(c).ravel()[0]) for c in cells]
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,9 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
         by_class[class_folder(k)].append(k)
     train, val = [], []
     for folder in sorted(by_class):
-        ranked = sorted(by_class[folder], key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest())
+        ranked = sorted(
+            by_class[folder], key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest()
+        )
         n_val = max(1, round(len(ranked) * val_fraction)) if len(ranked) > 1 else 0
         val += ranked[:n_val]
         train += ranked[n_val:]
@@ -196,23 +200,27 @@ def train_transform(image_size: int):
     """Standard ImageNet-style training augmentation (torchvision's classification recipe)."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def eval_transform(image_size: int):
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(round(image_size * 8 / 7), antialias=True),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize(round(image_size * 8 / 7), antialias=True),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class S3ImageDataset:
@@ -225,8 +233,16 @@ class S3ImageDataset:
     (``on_error="raise"``).
     """
 
-    def __init__(self, url: str, keys, classes, options: dict | None = None, transform=None,
-                 on_error: str = "skip", draft: int | None = None):
+    def __init__(
+        self,
+        url: str,
+        keys,
+        classes,
+        options: dict | None = None,
+        transform=None,
+        on_error: str = "skip",
+        draft: int | None = None,
+    ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}; allowed: 'skip', 'raise'")
         self.url, self.keys, self.options = url, list(keys), dict(options or {})
@@ -242,8 +258,11 @@ class S3ImageDataset:
         return self.class_to_idx[class_folder(self.keys[i])]
 
     def __getitem__(self, i: int):
-        return self.__getitems__([i])[0] if self.on_error == "raise" else (
-            (self.__getitems__([i]) or [None])[0])
+        return (
+            self.__getitems__([i])[0]
+            if self.on_error == "raise"
+            else ((self.__getitems__([i]) or [None])[0])
+        )
 
     def __getitems__(self, indices: list[int]) -> list:
         fs = storage.filesystem(self.url, self.options)
@@ -284,24 +303,105 @@ def collate(batch: list):
     return default_collate(batch) if batch else None
 
 
-def make_dataset(manifest: Manifest, keys, options: dict | None, image_size: int, train: bool,
-                 on_error: str = "skip") -> S3ImageDataset:
+def make_dataset(
+    manifest: Manifest,
+    keys,
+    options: dict | None,
+    image_size: int,
+    train: bool,
+    on_error: str = "skip",
+) -> S3ImageDataset:
     """A dataset over ``keys`` of ``manifest`` with the training or evaluation transforms."""
     tf = train_transform(image_size) if train else eval_transform(image_size)
-    return S3ImageDataset(manifest.url, keys, manifest.classes, options, tf, on_error,
-                          draft=image_size)
+    return S3ImageDataset(
+        manifest.url, keys, manifest.classes, options, tf, on_error, draft=image_size
+    )
 
 
-def make_loader(dataset, batch_size: int, num_workers: int = 2, shuffle: bool = False,
-                sampler=None, drop_last: bool = False, pin_memory: bool = False):
+def make_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int = 2,
+    shuffle: bool = False,
+    sampler=None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+):
     """A DataLoader with worker processes that prefetch whole batches; see :func:`collate`."""
     from torch.utils.data import DataLoader
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
-            sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=drop_last,
-            pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
+
+
+def image_stats(url: str, keys, options: dict | None = None) -> list[dict]:
+    """Size and mean colour of some images: a small, picklable result for a Dask task."""
+    import numpy as np
+
+    fs = storage.filesystem(url, options)
+    root = storage.split_url(url)[1]
+    blobs = fs.cat([f"{root}/{k}" for k in keys], on_error="return")
+    out = []
+    for key in keys:
+        try:
+            img = decode_image(blobs[f"{root}/{key}"], key)
+        except (BadImageError, TypeError) as err:
+            log.warning("skipping %s", err)
+            continue
+        r, g, b = np.asarray(img.reduce(4), dtype="float32").reshape(-1, 3).mean(0) / 255
+        out.append(
+            {
+                "key": key,
+                "breed": breed(class_folder(key)),
+                "width": img.width,
+                "height": img.height,
+                "red": r,
+                "green": g,
+                "blue": b,
+            }
+        )
+    return out
+
+
+def time_loader(loader, max_batches: int | None = None) -> dict:
+    """Iterate a loader and measure it: images, seconds, img/s (first batch included)."""
+    import time
+
+    n, start = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        if batch is not None:
+            n += len(batch[1])
+        if max_batches is not None and i + 1 >= max_batches:
+            break
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": round(seconds, 2), "img_per_s": round(n / seconds, 1)}
+
+
+def loader_throughput(
+    manifest: Manifest,
+    keys,
+    options: dict | None,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    max_batches: int | None = None,
+) -> dict:
+    """Build a training loader where this runs (e.g. inside a Dask worker) and time it."""
+    import torch
+
+    torch.set_num_threads(1)  # the loader's processes do the work; keep this one light
+    ds = make_dataset(manifest, keys, options, image_size, train=True)
+    loader = make_loader(ds, batch_size, num_workers, shuffle=True)
+    return time_loader(loader, max_batches)

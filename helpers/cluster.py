@@ -1,0 +1,147 @@
+"""One way to get a Dask client: a local CPU cluster, a local GPU cluster, or an existing one.
+
+``cluster`` takes the same values as the notebooks' parameter:
+
+- ``"local"``: a LocalCluster of processes on loopback, one thread each (PyTorch threads inside);
+- ``"cuda"``: dask-cuda's LocalCUDACluster, one worker per GPU;
+- ``"auto"``: ``"cuda"`` when NVIDIA GPUs are visible, else ``"local"``;
+- ``"tcp://host:8786"`` / ``"tls://host:8786"``: the scheduler of a cluster that already runs
+  (Kubernetes, SLURM, Coiled, dask-gateway...). Its workers need :data:`DASK_CONFIG` and the
+  ``helpers`` package; see notebook 03.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("auto", "local", "cuda")
+# What training needs from every worker. Set in this process before a local cluster starts (the
+# nanny reads it, and hands it to the worker); a remote deployment sets the same in its config.
+DASK_CONFIG = {
+    # A DataLoader with worker processes forks from the Dask worker: it must not be daemonic.
+    "distributed.worker.daemon": False,
+    # The nanny's default (65536) makes glibc trim on every free: about 2x PyTorch CPU step time.
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # Training tasks run for minutes without releasing the GIL for long; do not mark them stuck.
+    "distributed.admin.tick.limit": "60s",
+}
+
+
+def apply_dask_config() -> None:
+    """Put :data:`DASK_CONFIG` in force in this process (for local clusters it starts)."""
+    import dask
+
+    dask.config.set(DASK_CONFIG)
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs visible through NVML (0 when there is no driver), without initialising CUDA."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver, no device: all mean zero GPUs
+        return 0
+
+
+def check_cluster(cluster: str) -> str:
+    """Validate the ``cluster`` parameter; returns it unchanged."""
+    if cluster in CLUSTERS or cluster.startswith(("tcp://", "tls://", "ucx://")):
+        return cluster
+    raise ValueError(
+        f"cluster={cluster!r}; allowed: 'auto', 'local', 'cuda', or a scheduler "
+        "address such as 'tcp://10.0.0.5:8786' or 'tls://...'"
+    )
+
+
+def make_client(
+    cluster: str = "local", n_workers: int | None = None, tls: bool = False, timeout: str = "20s"
+):
+    """A :class:`distributed.Client` for ``cluster`` (see the module docstring).
+
+    ``n_workers`` applies to local clusters (default: one per core, or one per GPU); ``tls``
+    encrypts a local cluster's traffic with a throw-away certificate.
+    """
+    from distributed import Client, LocalCluster
+
+    check_cluster(cluster)
+    apply_dask_config()
+    if "://" in cluster:
+        log.info("connecting to the existing cluster at %s", cluster)
+        try:
+            return Client(cluster, timeout=timeout)
+        except OSError as err:
+            raise ConnectionError(
+                f"no Dask scheduler answered at {cluster} within {timeout}: {err}"
+            ) from err
+    if cluster == "auto":
+        cluster = "cuda" if gpu_count() else "local"
+    security = _temporary_security() if tls else None
+    protocol = "tls://" if tls else "tcp://"
+    if cluster == "cuda":
+        return _owning(Client(_cuda_cluster(n_workers, security, protocol), security=security))
+    n_workers = n_workers or os.cpu_count() or 1
+    local = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        protocol=protocol,
+        security=security,
+    )
+    return _owning(Client(local, security=security))
+
+
+def _owning(client):
+    # Close the cluster with the client, as Client() does for a cluster it started itself, so a
+    # notebook's final client.close() frees the workers.
+    client._start_arg = None
+    return client
+
+
+def _cuda_cluster(n_workers, security, protocol):
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            protocol=protocol,
+            security=security,
+        )
+    except Exception as err:  # noqa: BLE001 - NVMLError_LibraryNotFound and friends
+        if gpu_count() == 0:
+            raise RuntimeError(
+                "cluster='cuda' needs NVIDIA GPUs and their driver, and this machine has none "
+                f"({type(err).__name__}). Use cluster='local' (CPU) or 'auto'."
+            ) from err
+        raise
+
+
+def _temporary_security():
+    from distributed.security import Security
+
+    return Security.temporary()
+
+
+def describe(client) -> str:
+    """One line: how many workers, threads, GPUs, and where the dashboard is."""
+    info = client.scheduler_info(n_workers=-1)
+    workers = info["workers"].values()
+    threads = sum(w["nthreads"] for w in workers)
+    gpus = sum(1 for w in workers if w.get("gpu"))
+    return (
+        f"{len(workers)} workers, {threads} threads"
+        + (f", {gpus} GPUs" if gpus else "")
+        + f"; dashboard {client.dashboard_link}"
+    )

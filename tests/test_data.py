@@ -1,0 +1,187 @@
+import io
+import logging
+import random
+
+import pytest
+from PIL import Image
+
+from helpers import data, storage
+
+
+def _jpeg(mode="RGB", fmt="JPEG", size=(64, 48), **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, **kw).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_breed_and_class_folder():
+    key = "Images/n02085620-Chihuahua/n02085620_10074.jpg"
+    assert data.class_folder(key) == "n02085620-Chihuahua"
+    assert data.breed("n02085620-Chihuahua") == "Chihuahua"
+    assert data.breed("n02089078-black-and-tan_coonhound") == "black-and-tan coonhound"
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16"])
+def test_any_mode_decodes_to_rgb(mode):
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    img = data.decode_image(_jpeg(mode, fmt), f"x/{mode}.jpg")
+    assert img.mode == "RGB" and img.size == (64, 48)
+
+
+def test_palette_with_transparency_and_png_named_jpg():
+    p = Image.new("P", (8, 8), 0)
+    buf = io.BytesIO()
+    p.save(buf, "PNG", transparency=0)
+    img = data.decode_image(buf.getvalue(), "Images/n1-a/n1_1.jpg")  # a PNG with a .jpg name
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "blob,why",
+    [
+        (b"", "empty object"),
+        (_jpeg()[:200], "not a readable image"),
+        (b"<html>not an image</html>", "not a readable image"),
+    ],
+)
+def test_bad_bytes_name_the_key(blob, why):
+    with pytest.raises(data.BadImageError, match=f"Images/n1-a/bad.jpg: {why}"):
+        data.decode_image(blob, "Images/n1-a/bad.jpg")
+
+
+def test_draft_decodes_smaller_but_not_below_target():
+    img = data.decode_image(_jpeg(size=(480, 400)), "k", draft=100)
+    assert 100 <= min(img.size) < 400
+
+
+def _manifest(keys, official=None):
+    return data._manifest("s3://b/p", keys, official or {})
+
+
+def test_seeded_split_is_disjoint_stratified_and_order_independent():
+    keys = [f"Images/n{c}-breed{c}/n{c}_{i}.jpg" for c in range(5) for i in range(20)]
+    a = data.split(_manifest(keys), 0.25, seed=1)
+    random.Random(0).shuffle(keys)
+    b = data.split(_manifest(keys), 0.25, seed=1)
+    assert a == b
+    assert not set(a.train) & set(a.val)
+    assert len(a.train) + len(a.val) == 100
+    per_class = {
+        c: sum(1 for k in a.val if data.class_folder(k) == c)
+        for c in {data.class_folder(k) for k in keys}
+    }
+    assert set(per_class.values()) == {5}
+    assert data.split(_manifest(keys), 0.25, seed=2).val != a.val
+
+
+def test_official_lists_win_when_present():
+    keys = [f"Images/n1-a/n1_{i}.jpg" for i in range(6)]
+    m = _manifest(keys, {"train": keys[:4], "test": keys[4:]})
+    s = data.split(m)
+    assert s.source == "official" and s.val == tuple(keys[4:])
+
+
+def test_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="val_fraction=1.5; allowed"):
+        data.split(_manifest(["Images/n1-a/x.jpg"]), 1.5)
+
+
+def test_listing_matches_manifest_and_manifest_is_used(dogs):
+    url, options, manifest = dogs
+    listed = data.list_images(url, options)
+    assert listed.keys == manifest.keys and len(listed.classes) == 4
+    cached = data.load_manifest(url, options)
+    assert cached.keys == manifest.keys
+    # The cached manifest is read, not relisted: a manifest written elsewhere is honoured.
+    fake = data._manifest("s3://dogs/other", manifest.keys[:3], {})
+    data.write_manifest(fake, options)
+    assert len(data.load_manifest("s3://dogs/other", options).keys) == 3
+
+
+def test_lazy_dataset_fetches_a_batch_in_one_concurrent_call(dogs, monkeypatch):
+    url, options, manifest = dogs
+    ds = data.make_dataset(manifest, manifest.keys, options, 32, train=True)
+    fs = storage.filesystem(url, options)
+    calls = []
+    real_cat = fs.cat
+    monkeypatch.setattr(
+        fs, "cat", lambda paths, **kw: calls.append(len(paths)) or real_cat(paths, **kw)
+    )
+    batch = ds.__getitems__(list(range(8)))
+    assert calls == [8] and len(batch) == 8
+    x, y = batch[0]
+    assert tuple(x.shape) == (3, 32, 32) and y == manifest.label(manifest.keys[0])
+
+
+@pytest.fixture(scope="module")
+def with_bad(dogs):
+    """The tiny dataset plus a zero-byte, a truncated and a non-image object."""
+    url, options, manifest = dogs
+    fs = storage.filesystem(url, options)
+    bad = {
+        "Images/n02085620-Chihuahua/zero.jpg": b"",
+        "Images/n02085620-Chihuahua/truncated.jpg": _jpeg(size=(300, 300))[:300],
+        "Images/n02085620-Chihuahua/notes.jpg": b"just text",
+    }
+    fs.pipe({f"dogs/tiny/{k}": v for k, v in bad.items()})
+    return url, options, manifest, list(manifest.keys) + list(bad)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_objects_are_skipped_and_never_kill_an_epoch(with_bad, workers, caplog):
+    url, options, manifest, keys = with_bad
+    ds = data.make_dataset(manifest, keys, options, 32, train=True)
+    loader = data.make_loader(ds, batch_size=8, num_workers=workers, shuffle=True)
+    with caplog.at_level(logging.WARNING, logger="helpers.data"):
+        seen = sum(len(b[1]) for b in loader if b is not None)
+    assert seen == len(manifest.keys)  # every good image, none of the 3 bad ones
+    if workers == 0:  # worker processes log to their own stderr
+        assert "zero.jpg: empty object" in caplog.text
+        assert "truncated.jpg: not a readable image" in caplog.text
+
+
+def test_bad_object_raises_when_asked(with_bad):
+    url, options, manifest, keys = with_bad
+    ds = data.make_dataset(manifest, keys[-1:], options, 32, train=True, on_error="raise")
+    with pytest.raises(data.BadImageError, match="notes.jpg"):
+        ds[0]
+
+
+def test_missing_key_is_skipped_by_name(dogs, caplog):
+    url, options, manifest = dogs
+    ds = data.make_dataset(manifest, ["Images/n02085620-Chihuahua/gone.jpg"], options, 32, True)
+    with caplog.at_level(logging.WARNING, logger="helpers.data"):
+        assert ds.__getitems__([0]) == []
+    assert "gone.jpg: listed but missing" in caplog.text
+
+
+def test_dataset_pickles_without_a_filesystem(dogs):
+    import pickle
+
+    url, options, manifest = dogs
+    ds = data.make_dataset(manifest, manifest.keys, options, 32, train=False)
+    ds[0]  # creates this process's filesystem
+    clone = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 20_000
+    assert tuple(clone[1][0].shape) == (3, 32, 32)
+
+
+def test_dead_endpoint_in_a_loader_raises_a_clear_error(dogs):
+    url, options, manifest = dogs
+    (port,) = storage.free_ports(1)
+    dead = {**options, "endpoint_url": f"http://127.0.0.1:{port}"}
+    ds = data.make_dataset(manifest, manifest.keys, dead, 32, train=True)
+    with pytest.raises(storage.StorageError, match=f"cannot reach.*127.0.0.1:{port}"):
+        ds.__getitems__([0, 1])
+
+
+@pytest.mark.slow
+def test_loader_with_worker_processes_inside_a_dask_worker(dogs):
+    from helpers.cluster import make_client
+
+    url, options, manifest = dogs
+    with make_client("local", n_workers=1) as client:
+        result = client.submit(
+            data.loader_throughput, manifest, manifest.keys, options, 32, 8, 2, pure=False
+        ).result(timeout=120)
+    assert result["images"] == len(manifest.keys)

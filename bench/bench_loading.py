@@ -1,11 +1,13 @@
 """Data-loading throughput: the project's lazy S3 loader against a local ImageFolder and the peer.
 
 What it measures: the images per second a training DataLoader delivers (fetch, JPEG decode and
-the training transforms of ``helpers.data.train_transform``: RandomResizedCrop, flip, ToTensor,
-Normalize) for three loaders over the same synthetic Stanford-Dogs images, with the same batch
+the training transforms of ``helpers.data.train_transform``: RandomResizedCrop, flip,
+PILToTensor; normalisation happens on the device) for three loaders over the same synthetic Stanford-Dogs images, with the same batch
 size, worker processes, shuffling and prefetch depth, in one process:
 
 - (a) ``helpers.data.make_dataset`` + ``make_loader``, reading an embedded S3 server on loopback;
+  (a+) the same with its local disk cache on, as training runs it: the cold 1st pass fills the
+  cache from S3, later passes (epochs) read local files;
 - (b) ``torchvision.datasets.ImageFolder`` over a local copy of the same files (no network: the
   bar to reach);
 - (c) ``dask_pytorch_ddp.data.S3ImageFolder`` against the same server (the peer); it takes no
@@ -52,7 +54,12 @@ log = logging.getLogger("bench_loading")
 BUCKET, PREFIX = "bench", "dogs"
 PREFETCH = 4  # make_loader's prefetch_factor and persistent workers; (b) and (c) get the same
 COPY_CHUNK = 128  # objects per concurrent GET round when copying to the local folder
-TARGETS = {"(a)/(b)": ("a", "b", 0.8), "(a)/(c)": ("a", "c", 5.0)}
+# (a+) is (a) with its local disk cache on: epochs after the first read local files, not S3.
+TARGETS = {
+    "(a)/(b)": ("a", "b", 0.8),
+    "(a+)/(b)": ("a+", "b", 0.8),
+    "(a)/(c)": ("a", "c", 5.0),
+}
 
 
 @dataclass
@@ -128,15 +135,22 @@ def _plain_loader(dataset, batch_size: int, workers: int):
 
 
 def project_contender(
-    manifest: data.Manifest, options: dict, image_size: int, batch_size: int, workers: int
+    manifest: data.Manifest,
+    options: dict,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    cache_dir: str | None = None,
 ) -> Contender:
-    """(a): the project's lazy S3 dataset and loader, exactly as the notebooks build them."""
-    ds = data.make_dataset(manifest, manifest.keys, options, image_size, train=True)
-    return Contender(
-        "a",
-        "(a) helpers lazy S3",
-        lambda: data.make_loader(ds, batch_size, workers, shuffle=True),
+    """(a): the project's lazy S3 dataset and loader, exactly as the notebooks build them;
+    (a+): the same with its local disk cache (``cache_dir``)."""
+    ds = data.make_dataset(
+        manifest, manifest.keys, options, image_size, train=True, cache_dir=cache_dir
     )
+    key, name = (
+        ("a+", "(a+) helpers lazy S3, disk cache") if cache_dir else ("a", "(a) helpers lazy S3")
+    )
+    return Contender(key, name, lambda: data.make_loader(ds, batch_size, workers, shuffle=True))
 
 
 def local_contender(
@@ -256,6 +270,9 @@ def _benchmark(cfg: dict) -> dict[str, dict]:
             local = copy_to_local(manifest, options, Path(tmp) / "local")
             contenders = [
                 project_contender(manifest, options, size, batch, workers),
+                project_contender(
+                    manifest, options, size, batch, workers, str(Path(tmp) / "cache")
+                ),
                 local_contender(local, manifest.classes, size, batch, workers),
                 peer_contender(
                     server.endpoint_url,

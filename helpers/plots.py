@@ -9,9 +9,6 @@ import shutil
 
 log = logging.getLogger(__name__)
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # as in helpers.data
-
-
 def task_graph(obj, **kwargs):
     """``obj.visualize()`` where Graphviz's ``dot`` is installed, else a one-line description."""
     if shutil.which("dot"):
@@ -22,15 +19,12 @@ def task_graph(obj, **kwargs):
 
 
 def to_image(tensor):
-    """A normalised CHW tensor -> HWC array in [0, 1] for imshow."""
-    import numpy as np
-
-    x = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
-    return np.clip(x * np.array(STD) + np.array(MEAN), 0, 1)
+    """A uint8 CHW tensor (what the loaders yield) -> HWC array for imshow."""
+    return tensor.detach().cpu().permute(1, 2, 0).numpy()
 
 
 def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0):
-    """A grid of images (PIL or normalised tensors) titled with ``titles``; returns the figure."""
+    """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``; returns the figure."""
     import matplotlib.pyplot as plt
 
     n = len(images)

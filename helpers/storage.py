@@ -49,6 +49,8 @@ def split_url(url: str) -> tuple[str, str]:
     """``s3://bucket/prefix`` -> (``s3``, ``bucket/prefix``); a plain path -> (``file``, path)."""
     if "://" in url:
         protocol, path = url.split("://", 1)
+        if protocol == "file":
+            return protocol, os.path.abspath("/" + path.lstrip("/")).rstrip("/")
         return protocol, path.strip("/")
     return "file", os.path.abspath(url)
 
@@ -126,6 +128,9 @@ def _s3(options: dict):
         "max_pool_connections": 64,  # a batch's GETs go out together
         **options.pop("config_kwargs", {}),
     }
+    # max_concurrency=1: otherwise s3fs sends a HEAD (for the size) before every GET, to decide
+    # whether to split it into ranged GETs; images are small, so that only doubles the requests.
+    options.setdefault("max_concurrency", 1)
     fs = s3fs.S3FileSystem(
         skip_instance_cache=True,  # our own per-process cache replaces fsspec's
         client_kwargs=client_kwargs,
@@ -370,6 +375,7 @@ class EmbeddedS3:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 with _suppress():
                     os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)  # reap it: no zombie
         server_file = self.data_dir / SERVER_FILE
         with _suppress():
             if json.loads(server_file.read_text()).get("pid") == self.proc.pid:

@@ -1,0 +1,23 @@
+"""The benchmarks run (tiny sizes): their numbers are quoted in issue notes, so they must work."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_loading_benchmark_measures_every_loader():
+    result = _load("bench_loading").run(3, 8, 64, 4, 1, peer_limit=8, repeats=1)
+    assert {"a", "a+", "b", "c"} <= set(result["loaders"])
+    assert all(r["images"] > 0 and r["img_per_s"] > 0 for r in result["loaders"].values())
+    assert set(result["ratios"]) == {"(a)/(b)", "(a+)/(b)", "(a)/(c)"}

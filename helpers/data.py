@@ -165,12 +165,18 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
     return Split(tuple(sorted(train)), tuple(sorted(val)), "seeded")
 
 
+def shard(keys, rank: int, world_size: int) -> tuple[str, ...]:
+    """Rank ``rank``'s share of ``keys``: disjoint across ranks, together all of them."""
+    return tuple(keys[rank::world_size])
+
+
 def decode_image(data: bytes, key: str, draft: int | None = None):
     """Bytes -> RGB PIL image, whatever the mode (L, CMYK, RGBA, P) or the name's suffix.
 
     ``draft`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (the DCT does it for
     free) as long as both sides stay >= ``draft``: a 500 px photo trained at 128 px decodes at
-    half scale, a quarter of the pixels. Raises :class:`BadImageError` naming ``key`` for anything that is not an image.
+    half scale, a quarter of the pixels. Raises :class:`BadImageError` naming ``key`` for
+    anything that is not an image.
     """
     from PIL import Image
 
@@ -202,22 +208,26 @@ def train_transform(image_size: int):
     """
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+    )
 
 
 def eval_transform(image_size: int):
     """Resize the short side to 8/7 of ``image_size`` and take the centre crop, uint8."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(round(image_size * 8 / 7), antialias=True),
-        T.CenterCrop(image_size),
-        T.PILToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.Resize(round(image_size * 8 / 7), antialias=True),
+            T.CenterCrop(image_size),
+            T.PILToTensor(),
+        ]
+    )
 
 
 class S3ImageDataset:
@@ -356,7 +366,13 @@ def make_dataset(
     """
     tf = train_transform(image_size) if train else eval_transform(image_size)
     return S3ImageDataset(
-        manifest.url, keys, manifest.classes, options, tf, on_error, draft=image_size,
+        manifest.url,
+        keys,
+        manifest.classes,
+        options,
+        tf,
+        on_error,
+        draft=image_size,
         cache_dir=cache_dir or None,
     )
 

@@ -9,6 +9,7 @@ import shutil
 
 log = logging.getLogger(__name__)
 
+
 def task_graph(obj, **kwargs):
     """``obj.visualize()`` where Graphviz's ``dot`` is installed, else a one-line description."""
     if shutil.which("dot"):
@@ -41,3 +42,46 @@ def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0):
         ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
     fig.tight_layout()
     return fig
+
+
+def training_curves(steps, epochs, figsize=(13, 3.4)):
+    """Loss, accuracy and img/s from a Monitor's step and epoch frames; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc, ax_speed) = plt.subplots(1, 3, figsize=figsize)
+    if len(steps):
+        s = steps[steps["rank"] == 0]
+        x = s["epoch"] - 1 + s["step"] / s["steps"]
+        ax_loss.plot(x, s["loss"], label="train (running)")
+        ax_acc.plot(x, 100 * s["acc"], label="train (running)")
+        ax_speed.plot(x, s["img_per_s"], label="all ranks")
+        ax_speed.plot(x, 100 * s["data_wait"], label="% time waiting for data", alpha=0.6)
+    if len(epochs):
+        ax_loss.plot(epochs["epoch"], epochs["val_loss"], "o-", label="validation")
+        ax_acc.plot(epochs["epoch"], 100 * epochs["val_top1"], "o-", label="val top-1")
+        ax_acc.plot(epochs["epoch"], 100 * epochs["val_top5"], "s--", label="val top-5")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy %"), (ax_speed, "images / s")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def live_training(monitor):
+    """The figure :meth:`helpers.monitor.Monitor.follow` redraws: curves + the latest line."""
+    fig = training_curves(monitor.frame("step"), monitor.frame("epoch"))
+    fig.suptitle(monitor.latest_line(), fontsize=9, family="monospace", y=1.02)
+    return fig
+
+
+def predictions(images, true, pred, classes, ncols: int = 6):
+    """Validation images titled ``predicted / true`` breed: green when right, red when wrong."""
+    from helpers.data import breed
+
+    pairs = list(zip(true, pred, strict=True))
+    titles = [f"{breed(classes[p])}\n(true: {breed(classes[t])})" for t, p in pairs]
+    colors = ["green" if t == p else "red" for t, p in pairs]
+    return image_grid(images, titles, colors, ncols=ncols)

@@ -294,6 +294,8 @@ class EmbeddedS3:
         logfile.close()
         try:
             wait_until_up(self.endpoint_url, timeout, self.proc)
+            if self.backend == "seaweedfs":
+                self._wait_for_volumes(timeout)
         except StorageError:
             self.stop()
             raise
@@ -358,6 +360,26 @@ class EmbeddedS3:
             "-volume.preStopSeconds=0",
         ]
         return cmd, p[6]
+
+    def _wait_for_volumes(self, timeout: float) -> None:
+        """On a restart, S3 answers before the volume server has re-registered the volumes it
+        holds with the (new) master; reads fail until it has. Wait for all of them."""
+        expected = len(list(self.data_dir.glob("*.dat")))
+        master = next(a for a in self.proc.args if a.startswith("-master.port=")).split("=")[1]
+        deadline = time.monotonic() + timeout
+        while expected and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{master}/vol/status", timeout=2
+                ) as r:
+                    listed = json.dumps(json.load(r)).count('"Id"')
+            except (OSError, ValueError):
+                listed = 0
+            if listed >= expected:
+                return
+            time.sleep(0.2)
+        if expected:
+            raise StorageError(f"SeaweedFS in {self.data_dir} did not load its {expected} volumes")
 
     def _write_server_file(self) -> None:
         info = {"endpoint_url": self.endpoint_url, "pid": self.proc.pid, "backend": self.backend}

@@ -1,0 +1,152 @@
+"""Training metrics from the workers to the notebook, outside the training loop.
+
+Workers :func:`publish` small dict records through Dask's event API (``log_event``, about 2 ms,
+no extra service). The notebook's :class:`Monitor` subscribes to the topic, keeps every record,
+turns them into a DataFrame, and redraws live plots while a job runs: a subscribe handler's
+``print`` never reaches a notebook cell, so the handler only collects and the cell redraws.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+log = logging.getLogger(__name__)
+
+
+def publish(topic: str, record: dict) -> None:
+    """Send ``record`` to every client subscribed to ``topic`` (no-op outside a Dask worker)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(topic, record)
+
+
+def progress_line(r: dict, elapsed: float) -> str:
+    """``epoch 1 [40/200] loss 1.23 acc 61.2% img/s 812 eta 0:01:10``"""
+    eta = elapsed / r["step"] * (r["steps"] - r["step"])
+    return (
+        f"epoch {r['epoch']} [{r['step']}/{r['steps']}] loss {r['loss']:.3f} "
+        f"acc {100 * r['acc']:.1f}% img/s {r['img_per_s']:.0f} "
+        f"data {100 * r['data_wait']:.0f}% eta {timedelta(seconds=round(eta))}"
+    )
+
+
+def epoch_line(r: dict) -> str:
+    return (
+        f"epoch {r['epoch']} done: train loss {r['train_loss']:.3f} "
+        f"val loss {r['val_loss']:.3f} top-1 {100 * r['val_top1']:.1f}% "
+        f"top-5 {100 * r['val_top5']:.1f}% img/s {r['train_img_per_s']:.0f} "
+        f"in {r['epoch_s']:.0f} s"
+    )
+
+
+def gpu_stats() -> list[dict]:
+    """Utilisation and memory of the GPUs this worker sees (run with ``client.run``)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: no GPUs to report
+        return []
+    out = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        out.append(
+            {
+                "gpu": i,
+                "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                "mem_gb": mem.used / 1e9,
+                "time": time.time(),
+            }
+        )
+    return out
+
+
+class Monitor:
+    """Collects the records published on ``topic`` (and, with GPUs, samples their use)."""
+
+    def __init__(self, client, topic: str = "training"):
+        self.client, self.topic = client, topic
+        self.records: list[dict] = []
+        self.gpu: list[dict] = []
+        self._lock = threading.Lock()
+        client.subscribe_topic(topic, self._on_event)
+
+    def _on_event(self, event) -> None:
+        _, record = event  # (timestamp, msg)
+        with self._lock:
+            self.records.append(dict(record))
+
+    def frame(self, kind: str | None = None):
+        """The records so far as a DataFrame (``kind``: "step" or "epoch")."""
+        import pandas as pd
+
+        with self._lock:
+            rows = [r for r in self.records if kind is None or r.get("kind") == kind]
+        return pd.DataFrame(rows)
+
+    def latest_line(self) -> str:
+        """Rank 0's latest progress record as one line (what its log shows)."""
+        with self._lock:
+            last = next((r for r in reversed(self.records) if r.get("rank") == 0), None)
+        if last is None:
+            return "waiting for the first record..."
+        return (
+            epoch_line(last)
+            if last["kind"] == "epoch"
+            else progress_line(last, 0).rsplit(" eta", 1)[0]
+        )
+
+    def sample_gpus(self) -> None:
+        for worker, stats in self.client.run(gpu_stats).items():
+            self.gpu += [{"worker": worker, **s} for s in stats]
+
+    def follow(self, job, refresh_s: float = 2.0, gpus: bool = False, draw=None):
+        """Redraw ``draw(monitor)`` (a figure) in the cell's output until ``job`` is done.
+
+        ``job`` is a ``concurrent.futures.Future`` (:func:`helpers.ddp.start`); returns its
+        result, raising its error.
+        """
+        from IPython.display import display
+
+        handle = display(None, display_id=True) if draw else None
+        while True:
+            finished = job.done() or _wait(job, refresh_s)
+            if gpus:
+                self.sample_gpus()
+            if handle is not None and len(self.records):
+                fig = draw(self)
+                handle.update(fig)
+                _close(fig)
+            if finished:
+                return job.result()
+
+    def close(self) -> None:
+        self.client.unsubscribe_topic(self.topic)
+
+    def save(self, path: str) -> None:
+        """Keep the metrics with the run (CSV)."""
+        self.frame().to_csv(path, index=False)
+
+
+def _wait(job, seconds: float) -> bool:
+    try:
+        job.exception(timeout=seconds)
+        return True
+    except TimeoutError:
+        return False
+    except Exception:  # noqa: BLE001 - cancelled, or its error: finished either way
+        return True
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""helpers.ddp on a real 2-worker LocalCluster with gloo."""
+
+import os
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+
+from helpers import ddp
+from helpers.cluster import make_client
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    with make_client("local", n_workers=2) as c:
+        yield c
+
+
+def test_plan_groups_ranks_by_host_and_rank0_host_is_master():
+    ranks = ddp.plan(
+        ["tcp://10.0.0.2:7", "tcp://10.0.0.1:9", "tcp://10.0.0.2:3", "tcp://10.0.0.1:4"], 1234
+    )
+    assert [r.worker for r in ranks] == [
+        "tcp://10.0.0.1:4",
+        "tcp://10.0.0.1:9",
+        "tcp://10.0.0.2:3",
+        "tcp://10.0.0.2:7",
+    ]
+    assert [r.local_rank for r in ranks] == [0, 1, 0, 1]
+    assert {r.master_addr for r in ranks} == {"10.0.0.1"} and ranks[3].world_size == 4
+
+
+def _sum_ranks(*, rank, device):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([rank.rank + 1.0])
+    dist.all_reduce(t)
+    return {
+        "rank": rank.rank,
+        "sum": t.item(),
+        "env_rank": os.environ["RANK"],
+        "nonce": time.time_ns(),
+    }
+
+
+def test_every_worker_is_one_rank_and_env_is_restored(client):
+    results = ddp.run(client, _sum_ranks)
+    assert [r["rank"] for r in results] == [0, 1] and {r["sum"] for r in results} == {3.0}
+    assert set(client.run(lambda: os.environ.get("RANK")).values()) == {None}
+    again = ddp.run(client, _sum_ranks)  # unique keys: a second run is never a cached result
+    assert again[0]["nonce"] != results[0]["nonce"]
+
+
+def _rank1_fails(*, rank, device):
+    import torch
+    import torch.distributed as dist
+
+    if rank.rank == 1:
+        raise ValueError("bad batch on rank 1")
+    dist.all_reduce(torch.ones(1))  # rank 0 blocks here until rank 1's group goes away
+    return "unreachable"
+
+
+def test_failing_rank_gives_its_own_error_quickly_and_frees_the_cluster(client):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="bad batch on rank 1") as err:
+        ddp.run(client, _rank1_fails, timeout_s=60)
+    assert time.monotonic() - start < 30
+    assert any("rank 1" in n for n in getattr(err.value, "__notes__", []))
+    start = time.monotonic()
+    assert len(ddp.run(client, _sum_ranks)) == 2  # rank 0 was released, not stuck for 60 s
+    assert time.monotonic() - start < 30
+
+
+def test_two_jobs_at_once_both_succeed(client):
+    results, errors = [], []
+
+    def job():
+        try:
+            results.append(ddp.run(client, _sum_ranks))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2
+    assert all({r["sum"] for r in res} == {3.0} for res in results)
+
+
+def _rank1_dies(*, rank, device):
+    import torch
+    import torch.distributed as dist
+
+    if rank.rank == 1:
+        os._exit(1)  # the worker process dies (OOM-killed, segfault...)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_dead_worker_surfaces_within_seconds():
+    with make_client("local", n_workers=2) as c:
+        start = time.monotonic()
+        with pytest.raises(Exception, match="died|KilledWorker|rank 1|closed"):
+            ddp.run(c, _rank1_dies, timeout_s=60)
+        assert time.monotonic() - start < 60

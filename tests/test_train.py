@@ -1,0 +1,113 @@
+"""Real DDP training (gloo, 2 ranks on a LocalCluster) on the tiny synthetic dataset."""
+
+import dataclasses
+import sys
+
+import cloudpickle
+import pytest
+
+from helpers import data, ddp, monitor, train
+from helpers.cluster import make_client
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    with make_client("local", n_workers=2) as c:
+        yield c
+
+
+def _config(dogs, **kw):
+    url, _, _ = dogs
+    base = dict(
+        data_url=url,
+        arch="resnet18",
+        image_size=32,
+        batch_size=4,
+        epochs=3,
+        loader_workers=1,
+        log_every=2,
+        lr=0.4,
+        warmup_epochs=0.5,
+        threads=1,
+    )
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="arch='vgg16'; allowed: 'resnet50', 'resnet18'"):
+        train.TrainConfig(arch="vgg16")
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_url"):
+        train.TrainConfig(resume=True)
+    cfg = train.TrainConfig.from_params({"epochs": 2, "unrelated": 1})
+    assert cfg.epochs == 2
+
+
+def test_model_is_from_scratch_and_normalises_uint8():
+    import torch
+
+    a, b = train.build_model("resnet18", 7), train.build_model("resnet18", 7)
+    assert not torch.equal(a.net.conv1.weight, b.net.conv1.weight)  # random init, no weights
+    out = a.eval()(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert out.shape == (2, 7)
+
+
+def _split_on_rank(url, options, *, rank, device):
+    manifest = data.load_manifest(url, options)
+    split = data.split(manifest)
+    return {
+        "train": split.train,
+        "val": split.val,
+        "shard": data.shard(split.val, rank.rank, rank.world_size),
+    }
+
+
+def test_train_and_validation_are_disjoint_and_identical_on_every_rank(client, dogs):
+    url, options, _ = dogs
+    r0, r1 = ddp.run(client, _split_on_rank, url, options)
+    assert r0["train"] == r1["train"] and r0["val"] == r1["val"]
+    assert not set(r0["train"]) & set(r0["val"])
+    assert not set(r0["shard"]) & set(r1["shard"])
+    assert set(r0["shard"]) | set(r1["shard"]) == set(r0["val"])
+
+
+def test_two_ranks_learn_in_step_and_stream_metrics(client, dogs, tmp_path):
+    _, options, manifest = dogs
+    cfg = _config(dogs, epochs=4, checkpoint_url=str(tmp_path / "ckpt"))
+    watch = monitor.Monitor(client, "test-train")
+    history = ddp.run(
+        client, train.train_rank, dataclasses.replace(cfg, topic="test-train"), options
+    )
+    r0, r1 = history
+    assert [e["epoch"] for e in r0] == [1, 2, 3, 4]
+    assert [e["param_sum"] for e in r0] == pytest.approx([e["param_sum"] for e in r1], rel=1e-6)
+    assert r0[-1]["train_loss"] < r0[0]["train_loss"]  # it learns
+    assert r0[-1]["val_images"] == r1[-1]["val_images"] == 8  # the whole val split, once
+    steps = watch.frame("step")
+    assert {0, 1} <= set(steps["rank"]) and steps["img_per_s"].gt(0).all()
+    assert len(watch.frame("epoch")) == 4
+    watch.close()
+    model, state = train.model_from_checkpoint(cfg.checkpoint_url, options)
+    assert state["epoch"] == 4 and state["classes"] == list(manifest.classes)
+
+
+def test_resume_continues_from_the_checkpoint(client, dogs, tmp_path):
+    _, options, _ = dogs
+    straight = ddp.run(client, train.train_rank, _config(dogs, epochs=2), options)[0]
+    ckpt = str(tmp_path / "resume")
+    first = ddp.run(
+        client, train.train_rank, _config(dogs, epochs=1, checkpoint_url=ckpt), options
+    )[0]
+    resumed = ddp.run(
+        client, train.train_rank, _config(dogs, epochs=2, checkpoint_url=ckpt, resume=True), options
+    )[0]
+    assert [e["epoch"] for e in first] == [1] and [e["epoch"] for e in resumed] == [2]
+    assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], abs=0.5)
+    assert train.load_checkpoint(ckpt, options)["epoch"] == 2
+
+
+def test_missing_checkpoint_names_the_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
+        train.model_from_checkpoint(str(tmp_path / "none"))

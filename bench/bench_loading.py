@@ -2,8 +2,9 @@
 
 What it measures: the images per second a training DataLoader delivers (fetch, JPEG decode and
 the training transforms of ``helpers.data.train_transform``: RandomResizedCrop, flip,
-PILToTensor; normalisation happens on the device) for three loaders over the same synthetic Stanford-Dogs images, with the same batch
-size, worker processes, shuffling and prefetch depth, in one process:
+PILToTensor; normalisation happens on the device) for three loaders over the same synthetic
+Stanford-Dogs images, with the same batch size, worker processes, shuffling and prefetch depth,
+in one process:
 
 - (a) ``helpers.data.make_dataset`` + ``make_loader``, reading an embedded S3 server on loopback;
   (a+) the same with its local disk cache on, as training runs it: the cold 1st pass fills the

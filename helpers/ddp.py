@@ -49,25 +49,38 @@ class Rank:
     master_addr: str
     master_port: int
     worker: str
+    gpu: int = 0  # index among the GPUs this worker sees (when it has any)
 
 
 def _host(address: str) -> str:
     return address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
-def plan(workers: list[str], master_port: int) -> list[Rank]:
-    """Ranks for worker addresses: grouped by host, rank 0's host is the master."""
+def plan(workers: list[str], master_port: int, visible: dict | None = None) -> list[Rank]:
+    """Ranks for worker addresses: grouped by host, rank 0's host is the master.
+
+    ``visible``: each worker's ``CUDA_VISIBLE_DEVICES``. dask-cuda gives every worker on a host
+    a rotated list whose first GPU is its own: then each rank uses its GPU 0. Workers that all
+    see the same list use GPU ``local_rank`` instead.
+    """
     ordered = sorted(workers, key=lambda a: (_host(a), a))
     hosts = {}
     for a in ordered:
         hosts.setdefault(_host(a), []).append(a)
     master = _host(ordered[0])
-    return [
-        Rank(
-            i, len(ordered), hosts[_host(a)].index(a), len(hosts[_host(a)]), master, master_port, a
-        )
-        for i, a in enumerate(ordered)
-    ]
+    visible = visible or {}
+    ranks = []
+    for i, a in enumerate(ordered):
+        peers = hosts[_host(a)]
+        own_first = len({(visible.get(p) or "").split(",")[0] for p in peers}) == len(peers)
+        local = peers.index(a)
+        gpu = 0 if own_first else local
+        ranks.append(Rank(i, len(ordered), local, len(peers), master, master_port, a, gpu))
+    return ranks
+
+
+def _visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def free_port() -> int:
@@ -83,8 +96,7 @@ def device_for(rank: Rank):
 
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    index = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else rank.local_rank
-    index %= torch.cuda.device_count()
+    index = rank.gpu % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -158,8 +170,16 @@ def run(
     """
     from distributed import Lock
 
-    with Lock(LOCK, scheduler_rpc=client.scheduler, loop=client.loop):
+    lock = Lock(LOCK, scheduler_rpc=client.scheduler, loop=client.loop)
+    if not lock.acquire(timeout=lock_timeout_s):
+        raise TimeoutError(
+            f"another DDP job held the cluster for {lock_timeout_s} s "
+            "(lock_timeout_s); wait for it or cancel it"
+        )
+    try:
         return _run_locked(client, fn, args, kwargs, timeout_s)
+    finally:
+        lock.release()
 
 
 def start(client, fn, *args, timeout_s: float = 60.0, **kwargs):
@@ -183,7 +203,7 @@ def _run_locked(client, fn, args, kwargs, timeout_s):
     port = client.submit(
         free_port, workers=[sorted(workers, key=lambda a: (_host(a), a))[0]], pure=False
     ).result(timeout=30)
-    ranks = plan(workers, port)
+    ranks = plan(workers, port, client.run(_visible_devices, workers=workers))
     job = f"ddp-{getattr(fn, '__name__', 'fn')}-{uuid.uuid4().hex[:8]}"
     futures = [
         client.submit(
@@ -207,6 +227,7 @@ def _run_locked(client, fn, args, kwargs, timeout_s):
         while True:
             if any(f.status == "error" for f in futures):
                 time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
+                _check_workers(client, ranks)  # a dead worker explains its peers' errors
                 raise _primary_error([f for f in futures if f.status == "error"], futures)
             if all(f.status == "finished" for f in futures):
                 return [f.result() for f in futures]
@@ -221,7 +242,7 @@ def _run_locked(client, fn, args, kwargs, timeout_s):
 
 
 def _check_workers(client, ranks: list[Rank]) -> None:
-    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    alive = set(client.nthreads())  # light: addresses only, not every worker's metrics
     for r in ranks:
         if r.worker not in alive:
             raise RuntimeError(

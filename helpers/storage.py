@@ -109,6 +109,8 @@ def filesystem(url: str, options: dict | None = None):
         else:
             options.pop("anon", None)
             options.pop("endpoint_url", None)
+            if protocol == "file":
+                options.setdefault("auto_mkdir", True)  # S3 has no folders to create first
             fs = fsspec.filesystem(protocol, **options)
         _FILESYSTEMS[key] = fs
     return fs

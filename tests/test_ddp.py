@@ -111,3 +111,10 @@ def test_dead_worker_surfaces_within_seconds():
         with pytest.raises(Exception, match="died|KilledWorker|rank 1|closed"):
             ddp.run(c, _rank1_dies, timeout_s=60)
         assert time.monotonic() - start < 60
+
+
+def test_gpu_per_rank_follows_dask_cuda_or_local_rank():
+    workers = ["tcp://h:1", "tcp://h:2"]
+    rotated = ddp.plan(workers, 1, {"tcp://h:1": "0,1", "tcp://h:2": "1,0"})
+    shared = ddp.plan(workers, 1, {"tcp://h:1": "0,1", "tcp://h:2": "0,1"})
+    assert [r.gpu for r in rotated] == [0, 0] and [r.gpu for r in shared] == [0, 1]

@@ -274,13 +274,17 @@ class S3ImageDataset:
         )
 
     def __getitems__(self, indices: list[int]) -> list:
+        return [(x, y) for _, x, y in self.samples(indices)]
+
+    def samples(self, indices: list[int]) -> list[tuple]:
+        """``(index, image, label)`` for each readable index: the batch fetched concurrently."""
         paths = [f"{self.root}/{self.keys[i]}" for i in indices]
         blobs = self._fetch(paths)
         out = []
         for i, path in zip(indices, paths, strict=True):
             sample = self._sample(i, blobs.get(path))
             if sample is not None:
-                out.append(sample)
+                out.append((i, *sample))
         return out
 
     def _fetch(self, paths: list[str]) -> dict:

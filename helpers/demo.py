@@ -14,6 +14,7 @@ import argparse
 import ast
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from helpers import storage
@@ -62,26 +63,76 @@ def execute(
     return out
 
 
-def run(
-    only: list[str] | None, out_dir: Path, overrides: dict, s3_dir: Path, html: bool = True
-) -> list[Path]:
-    """Start (or reuse) the embedded S3 server, then execute the notebooks in order."""
+@contextmanager
+def embedded_s3(s3_dir: Path):
+    """Reuse the server already serving ``s3_dir``, or run one for the duration."""
     server = None
     if storage.running_server(s3_dir) is None:
         server = storage.EmbeddedS3(s3_dir).start()
     try:
-        done = []
+        yield
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run(
+    only: list[str] | None,
+    out_dir: Path,
+    overrides: dict,
+    s3_dir: Path,
+    html: bool = True,
+    sweep_workers: list[int] | None = None,
+) -> list[Path]:
+    """Execute the notebooks in order against the embedded S3 server.
+
+    With ``sweep_workers``, the scaling sweep (notebook 04 per worker count) runs before the
+    notebook that plots it (06).
+    """
+    from helpers import sweep
+
+    done = []
+    with embedded_s3(s3_dir):
         for path in notebook_paths(only):
+            if path.name.startswith("06") and sweep_workers:
+                log.info("scaling sweep over %s workers ...", sweep_workers)
+                sweep.run(sweep_workers, out_dir.parent / "sweep", {}, s3_dir)
             # "embedded" + the folder: the kernel finds this server through its server.json.
             params = {"s3_endpoint": "embedded", "s3_data_dir": str(s3_dir), **overrides}
             start = time.perf_counter()
             log.info("running %s ...", path.name)
             done.append(execute(path, out_dir, params, html))
             log.info("%s done in %.0f s", path.name, time.perf_counter() - start)
-        return done
-    finally:
-        if server is not None:
-            server.stop()
+    return done
+
+
+def summary(build: Path) -> list[str]:
+    """What the demo measured, read back from the files the notebooks wrote."""
+    import pandas as pd
+
+    lines = []
+    metrics = build / "checkpoints" / "dogs" / "metrics.csv"
+    if metrics.exists():
+        last = pd.read_csv(metrics).query("kind == 'epoch'").iloc[-1]
+        lines.append(
+            f"training (04): epoch {int(last.epoch)}, validation top-1 "
+            f"{last.val_top1:.1%}, top-5 {last.val_top5:.1%}, "
+            f"{last.train_img_per_s:.0f} img/s over {int(last.world_size)} workers"
+        )
+    predictions = build / "checkpoints" / "dogs" / "predictions.csv"
+    if predictions.exists():
+        p = pd.read_csv(predictions)
+        lines.append(
+            f"inference (05): {len(p)} images, accuracy {(p.true == p.predicted).mean():.1%}"
+        )
+    sweep_csv = build / "sweep" / "sweep.csv"
+    if sweep_csv.exists():
+        sw = pd.read_csv(sweep_csv)
+        pairs = ", ".join(
+            f"{w} workers {v:.0f} img/s" for w, v in zip(sw.workers, sw.img_per_s, strict=True)
+        )
+        lines.append(f"scaling sweep: {pairs}")
+    return lines
 
 
 def _parse_parameter(text: str) -> tuple[str, object]:
@@ -109,14 +160,27 @@ def main(argv: list[str] | None = None) -> None:
         help="NAME=VALUE, passed to every notebook (papermill -p)",
     )
     parser.add_argument("--no-html", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="worker counts for the scaling sweep before notebook 06",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = dict(_parse_parameter(p) for p in args.parameter)
     out_dir = Path(args.out)
-    done = run(args.only, out_dir, overrides, Path(args.s3_dir), html=not args.no_html)
-    print(f"\nExecuted {len(done)} notebooks; open them (and their .html) in {out_dir}:")
+    start = time.perf_counter()
+    done = run(args.only, out_dir, overrides, Path(args.s3_dir), not args.no_html, args.sweep)
+    print(
+        f"\nExecuted {len(done)} notebooks in {time.perf_counter() - start:.0f} s; "
+        f"they and their .html exports are in {out_dir}:"
+    )
     for path in done:
-        print(f"  {path}")
+        print(f"  {path.name}")
+    for line in summary(out_dir.parent):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,49 @@ def predictions(images, true, pred, classes, ncols: int = 6):
     titles = [f"{breed(classes[p])}\n(true: {breed(classes[t])})" for t, p in pairs]
     colors = ["green" if t == p else "red" for t, p in pairs]
     return image_grid(images, titles, colors, ncols=ncols)
+
+
+def confusion_matrix(true, predicted, labels, ax=None):
+    """Counts of (true, predicted) breeds as an image; returns the Axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    index = {b: i for i, b in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in zip(true, predicted, strict=True):
+        counts[index[t], index[p]] += 1
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * len(labels) + 2, 0.5 * len(labels) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            ax.text(
+                j,
+                i,
+                n,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if n > counts.max() / 2 else "black",
+            )
+    return ax
+
+
+def scaling(workers, measured, ideal, ax=None):
+    """Measured throughput against the ideal linear line; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(workers, ideal, "--", color="grey", label="ideal (linear)")
+    ax.plot(workers, measured, "o-", label="measured")
+    ax.set_xlabel("workers (ranks)")
+    ax.set_ylabel("training images / s")
+    ax.set_xticks(list(workers))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

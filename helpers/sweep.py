@@ -1,0 +1,103 @@
+"""Scaling sweep: train notebook 04 through papermill for several worker counts, then measure.
+
+Each run is an executed notebook kept as an artefact (``<out>/workers-N/04-...ipynb``) with its
+metrics next to its checkpoint; :func:`results` reads them back for notebook 06::
+
+    python -m helpers.sweep --workers 1 2            # a 2-core laptop
+    python -m helpers.sweep --workers 1 2 4 8 -p cluster='"tcp://scheduler:8786"'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from helpers import demo, storage
+
+log = logging.getLogger(__name__)
+
+# Short runs: throughput settles within a few dozen steps. threads=1 gives every rank one core,
+# so on a CPU box the sweep measures what adding workers (not threads) buys.
+DEFAULTS = {"epochs": 2, "max_steps": 20, "threads": 1}
+RESULTS = "sweep.csv"
+
+
+def run(workers: list[int], out_dir: Path, params: dict, s3_dir: Path) -> list[Path]:
+    """Execute notebook 04 once per worker count; returns the executed notebooks."""
+    (nb,) = demo.notebook_paths(["04"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for n in workers:
+        run_dir = out_dir / f"workers-{n}"
+        p = {
+            "s3_endpoint": "embedded",
+            "s3_data_dir": str(s3_dir),
+            **DEFAULTS,
+            **params,
+            "n_workers": n,
+            "checkpoint_url": str(run_dir / "checkpoint"),
+        }
+        log.info("sweep: %d workers ...", n)
+        done.append(demo.execute(nb, run_dir, p, html=False))
+    results(out_dir).to_csv(out_dir / RESULTS, index=False)
+    return done
+
+
+def results(out_dir: str | Path):
+    """One row per run: workers, measured img/s (last epoch, all ranks), its notebook."""
+    import pandas as pd
+
+    rows = []
+    for run_dir in sorted(Path(out_dir).glob("workers-*"), key=lambda p: int(p.name[8:])):
+        metrics = Path(storage.join(str(run_dir / "checkpoint"), "metrics.csv"))
+        if not metrics.exists():
+            continue
+        epochs = pd.read_csv(metrics).query("kind == 'epoch'")
+        last = epochs.iloc[-1]
+        rows.append(
+            {
+                "workers": int(run_dir.name[8:]),
+                "img_per_s": last.train_img_per_s,
+                "val_top1": last.val_top1,
+                "data_wait": last.data_wait,
+                "notebook": str(next(run_dir.glob("04-*.ipynb"))),
+            }
+        )
+    if not rows:
+        raise FileNotFoundError(
+            f"no sweep results under {out_dir}; run `python -m helpers.sweep --workers 1 2` first"
+        )
+    df = pd.DataFrame(rows)
+    base = df.img_per_s.iloc[0] / df.workers.iloc[0]
+    df["ideal"] = base * df.workers
+    df["efficiency"] = df.img_per_s / df.ideal
+    return df
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default=str(demo.ROOT / "build" / "sweep"))
+    parser.add_argument("--s3-dir", default=str(demo.ROOT / ".s3data"))
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        help="NAME=VALUE for notebook 04 (papermill -p)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = dict(demo._parse_parameter(p) for p in args.parameter)
+    with demo.embedded_s3(Path(args.s3_dir)):
+        run(args.workers, Path(args.out), params, Path(args.s3_dir))
+    print(results(args.out).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""helpers.inference: each image's own softmax, one model per worker, clear checkpoint errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import inference, train
+from helpers.cluster import make_client
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dogs, tmp_path_factory):
+    """An untrained (random) resnet18 checkpoint over the tiny dataset's classes."""
+    url, options, manifest = dogs
+    folder = str(tmp_path_factory.mktemp("ckpt"))
+    torch.manual_seed(0)
+    model = train.build_model("resnet18", len(manifest.classes))
+    cfg = train.TrainConfig(data_url=url, arch="resnet18", image_size=32)
+    train.save_checkpoint(
+        folder,
+        None,
+        {
+            "model": model.state_dict(),
+            "epoch": 1,
+            "config": dataclasses.asdict(cfg),
+            "classes": list(manifest.classes),
+            "metrics": {},
+        },
+    )
+    return folder
+
+
+def test_probabilities_are_each_images_own_softmax(dogs, checkpoint):
+    url, options, manifest = dogs
+    keys = list(manifest.keys[::5])
+    rows = inference.predict(checkpoint, options, url, keys)
+    model, state, _ = inference.load_model(checkpoint, options)
+    ds = inference.data.S3ImageDataset(
+        url, keys, state["classes"], options, inference.data.eval_transform(32), draft=32
+    )
+    for row, (_, x, _) in zip(rows, ds.samples(list(range(len(keys)))), strict=True):
+        with torch.inference_mode():
+            own = model(x[None]).float().softmax(1)[0]  # this image alone
+        assert row["probability"] == pytest.approx(float(own.max()), abs=1e-4)
+        assert [p for _, p in row["top5"]] == pytest.approx(
+            own.topk(len(row["top5"])).values.tolist(), abs=1e-3
+        )
+    assert len({round(r["probability"], 6) for r in rows}) > 1  # not the first image's, copied
+
+
+def test_model_is_built_once_per_worker_for_many_tasks(dogs, checkpoint):
+    url, options, manifest = dogs
+    with make_client("local", n_workers=2) as client:
+        rows = inference.predict_on_cluster(
+            client, checkpoint, options, url, manifest.keys, batch_size=4
+        )  # 10 tasks
+        builds = client.run(inference.builds)
+    assert len(rows) == len(manifest.keys)
+    assert set(builds.values()) <= {0, 1} and sum(builds.values()) >= 1
+
+
+def test_missing_checkpoint_names_the_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
+        inference.load_model(str(tmp_path / "none"))
+
+
+def test_incompatible_checkpoint_says_what_was_expected(tmp_path, checkpoint):
+    train.save_checkpoint(str(tmp_path / "odd"), None, {"weights": {}})
+    with pytest.raises(ValueError, match=r"odd/checkpoint.pt is not a checkpoint.*'classes'"):
+        inference.load_model(str(tmp_path / "odd"))
+    state = train.load_checkpoint(checkpoint)
+    state["classes"] = state["classes"] + ["n00000000-extra"]
+    train.save_checkpoint(str(tmp_path / "wrong"), None, state)
+    with pytest.raises(ValueError, match="does not fit a resnet18 with 5 classes"):
+        inference.load_model(str(tmp_path / "wrong"))

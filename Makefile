@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 KERNEL := dask-dl
 
-.PHONY: demo test install lab s3 bench lint format clean
+.PHONY: demo test install lab s3 bench bench-gpu sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.demo
@@ -32,8 +32,15 @@ lab: $(STAMP)  ## JupyterLab on the notebooks
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.storage serve --dir .s3data
 
-bench: $(STAMP)  ## data-loading benchmark: ratios against ImageFolder and dask-pytorch-ddp
+bench: $(STAMP)  ## CPU benchmarks: data loading (vs ImageFolder, dask-pytorch-ddp), DDP launch (vs torchrun)
 	$(BIN)/python bench/bench_loading.py
+	$(BIN)/python bench/bench_ddp.py
+
+bench-gpu: $(STAMP)  ## one GPU: ResNet50 on real JPEGs vs synthetic tensors (runs slowly on CPU)
+	$(BIN)/python bench/bench_gpu.py
+
+sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
+	$(BIN)/python -m helpers.sweep --workers 1 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check helpers tests bench notebooks

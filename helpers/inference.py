@@ -116,16 +116,27 @@ def predict_on_cluster(
 
 
 def predict_locally(
-    checkpoint_url: str, options: dict | None, data_url: str, keys, batch_size: int = 64
+    checkpoint_url: str,
+    options: dict | None,
+    data_url: str,
+    keys,
+    batch_size: int = 64,
+    threads: int = 0,
 ) -> list[dict]:
-    """The baseline: the same batches, one after another, in this process."""
+    """The baseline: the same batches, one after another, in this process.
+
+    ``threads``: PyTorch threads (0: one per core, PyTorch's default).
+    """
     return [
         row
         for b in batches(keys, batch_size)
-        for row in predict(checkpoint_url, options, data_url, b)
+        for row in predict(checkpoint_url, options, data_url, b, threads=threads)
     ]
 
 
-def warm(checkpoint_url: str, options: dict | None = None) -> str:
-    """Load the model in this process now (``client.run`` it on every worker); its device."""
+def warm(checkpoint_url: str, options: dict | None, data_url: str, keys) -> str:
+    """Get this process ready (``client.run`` it on every worker): load the model and predict
+    ``keys`` once, so first-call costs (imports, connections, kernel plans) are paid before
+    timing. Returns the device."""
+    predict(checkpoint_url, options, data_url, keys, threads=1)
     return str(load_model(checkpoint_url, options)[2])

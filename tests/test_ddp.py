@@ -118,3 +118,49 @@ def test_gpu_per_rank_follows_dask_cuda_or_local_rank():
     rotated = ddp.plan(workers, 1, {"tcp://h:1": "0,1", "tcp://h:2": "1,0"})
     shared = ddp.plan(workers, 1, {"tcp://h:1": "0,1", "tcp://h:2": "0,1"})
     assert [r.gpu for r in rotated] == [0, 0] and [r.gpu for r in shared] == [0, 1]
+
+
+def _backend(*, rank, device):
+    import torch.distributed as dist
+
+    return {"backend": dist.get_backend(), "device": str(device)}
+
+
+@pytest.mark.gpu
+def test_cuda_cluster_gives_one_gpu_per_rank_over_nccl():
+    with make_client("cuda") as c:
+        results = ddp.run(c, _backend)
+    assert {r["backend"] for r in results} == {"nccl"}
+    assert all(r["device"].startswith("cuda") for r in results)
+
+
+def test_cuda_cluster_without_gpus_says_so():
+    from helpers.cluster import gpu_count
+
+    if gpu_count():
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(RuntimeError, match="cluster='cuda' needs NVIDIA GPUs.*cluster='local'"):
+        make_client("cuda")
+
+
+def test_unknown_cluster_names_the_allowed_values():
+    with pytest.raises(ValueError, match="cluster='gpu'; allowed: 'auto', 'local', 'cuda'"):
+        make_client("gpu")
+
+
+def test_unreachable_scheduler_fails_within_seconds():
+    from helpers.storage import free_ports
+
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    with pytest.raises(
+        ConnectionError, match=f"no Dask scheduler answered at tcp://127.0.0.1:{port}"
+    ):
+        make_client(f"tcp://127.0.0.1:{port}", timeout="3s")
+    assert time.monotonic() - start < 30
+
+
+def test_tls_local_cluster_runs_ranks():
+    with make_client("local", n_workers=2, tls=True) as c:
+        assert c.scheduler.address.startswith("tls://")
+        assert {r["backend"] for r in ddp.run(c, _backend)} == {"gloo"}

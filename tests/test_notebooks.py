@@ -125,3 +125,10 @@ def test_kept_outputs_still_hold(prefix, s3, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_training_notebook_rejects_a_bad_parameter_in_its_first_cells(s3, tmp_path):
+    params = {**_params("04", s3, tmp_path), "arch": "vgg16"}
+    with pytest.raises(papermill.PapermillExecutionError, match="arch='vgg16'; allowed") as err:
+        _run("04", params, tmp_path)
+    assert err.value.exec_count <= 3  # before any data, cluster or training cell

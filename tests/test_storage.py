@@ -99,3 +99,27 @@ def test_server_data_survives_a_restart(tmp_path):
 def test_public_bucket_anonymously():
     options = storage.storage_options(None, anon=True)
     storage.check_readable("s3://noaa-ghcn-pds/csv", options)
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from helpers import storage; "
+        f"storage.connect('embedded', {str(tmp_path)!r}); os._exit(0)"  # no atexit, like a kernel
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    pid = json.loads((tmp_path / storage.SERVER_FILE).read_text())["pid"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the embedded server (pid {pid}) outlived its owner")
+    assert storage.running_server(tmp_path) is None

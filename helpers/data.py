@@ -264,7 +264,8 @@ class S3ImageDataset:
         return len(self.keys)
 
     def label(self, i: int) -> int:
-        return self.class_to_idx[class_folder(self.keys[i])]
+        """The class index of item ``i`` (-1 when the dataset was built without classes)."""
+        return self.class_to_idx.get(class_folder(self.keys[i]), -1)
 
     def __getitem__(self, i: int):
         return (
@@ -413,16 +414,10 @@ def image_stats(url: str, keys, options: dict | None = None) -> list[dict]:
     """Size and mean colour of some images: a small, picklable result for a Dask task."""
     import numpy as np
 
-    fs = storage.filesystem(url, options)
-    root = storage.split_url(url)[1]
-    blobs = fs.cat([f"{root}/{k}" for k in keys], on_error="return")
+    ds = S3ImageDataset(url, keys, [], options)  # its fetch: cache-free, one concurrent round
     out = []
-    for key in keys:
-        try:
-            img = decode_image(blobs[f"{root}/{key}"], key)
-        except (BadImageError, TypeError) as err:
-            log.warning("skipping %s", err)
-            continue
+    for i, img, _ in ds.samples(list(range(len(keys)))):  # bad images are skipped and logged
+        key = keys[i]
         r, g, b = np.asarray(img.reduce(4), dtype="float32").reshape(-1, 3).mean(0) / 255
         out.append(
             {

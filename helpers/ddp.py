@@ -161,12 +161,15 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
 
 
 def run(
-    client, fn, *args, timeout_s: float = 60.0, lock_timeout_s: float | None = None, **kwargs
+    client, fn, *args, timeout_s: float = 300.0, lock_timeout_s: float | None = 600.0, **kwargs
 ) -> list:
     """Run ``fn(*args, rank=Rank, device=torch.device, **kwargs)`` as one DDP rank per worker.
 
     Returns each rank's result, in rank order. ``timeout_s`` bounds every collective and the
-    rendezvous. Raises the failing rank's own exception (with a note naming the rank).
+    rendezvous: long enough for rank 0 to upload a checkpoint while the others wait (a failing
+    rank or a dead worker is reported within seconds regardless). ``lock_timeout_s``: how long
+    to wait for another job on the same cluster. Raises the failing rank's own exception (with
+    a note naming the rank).
     """
     from distributed import Lock
 
@@ -182,7 +185,7 @@ def run(
         lock.release()
 
 
-def start(client, fn, *args, timeout_s: float = 60.0, **kwargs):
+def start(client, fn, *args, timeout_s: float = 300.0, **kwargs):
     """:func:`run` in a background thread: returns a ``concurrent.futures.Future``.
 
     The notebook keeps drawing live plots while the job runs; ``.result()`` gives what

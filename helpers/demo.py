@@ -170,9 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = dict(_parse_parameter(p) for p in args.parameter)
-    out_dir = Path(args.out)
+    out_dir = Path(args.out).resolve()  # kernels run in notebooks/
     start = time.perf_counter()
-    done = run(args.only, out_dir, overrides, Path(args.s3_dir), not args.no_html, args.sweep)
+    done = run(
+        args.only, out_dir, overrides, Path(args.s3_dir).resolve(), not args.no_html, args.sweep
+    )
     print(
         f"\nExecuted {len(done)} notebooks in {time.perf_counter() - start:.0f} s; "
         f"they and their .html exports are in {out_dir}:"

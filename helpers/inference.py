@@ -23,7 +23,7 @@ def load_model(checkpoint_url: str, options: dict | None = None):
     """``(model, state, device)`` for ``checkpoint_url``, built once per process and kept."""
     import torch
 
-    key = (os.getpid(), checkpoint_url)
+    key = (os.getpid(), checkpoint_url, _version(checkpoint_url, options))
     if key not in _MODELS:
         state = train.load_checkpoint(checkpoint_url, options)
         where = train.checkpoint_path(checkpoint_url)
@@ -53,6 +53,18 @@ def load_model(checkpoint_url: str, options: dict | None = None):
         _BUILDS["count"] += 1
         log.info("loaded %s on %s", where, device)
     return _MODELS[key]
+
+
+def _version(checkpoint_url: str, options: dict | None) -> str:
+    """The checkpoint's ETag or mtime: a retrained checkpoint is loaded again, not served stale."""
+    from helpers import storage
+
+    url = train.checkpoint_path(checkpoint_url)
+    try:
+        info = storage.filesystem(url, options).info(storage.split_url(url)[1])
+    except FileNotFoundError:
+        return ""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
 
 
 def builds() -> int:

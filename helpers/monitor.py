@@ -55,18 +55,21 @@ def gpu_stats() -> list[dict]:
     except Exception:  # noqa: BLE001 - no driver: no GPUs to report
         return []
     out = []
-    for i in range(pynvml.nvmlDeviceGetCount()):
-        h = pynvml.nvmlDeviceGetHandleByIndex(i)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        out.append(
-            {
-                "gpu": i,
-                "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
-                "mem_gb": mem.used / 1e9,
-                "time": time.time(),
-            }
-        )
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            out.append(_one_gpu(pynvml, i))
+    except pynvml.NVMLError as err:  # e.g. MIG slices report no utilisation
+        log.debug("GPU sampling stopped: %s", err)
+    finally:
+        pynvml.nvmlShutdown()
     return out
+
+
+def _one_gpu(pynvml, i: int) -> dict:
+    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+    util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+    return {"gpu": i, "util": util, "mem_gb": mem.used / 1e9, "time": time.time()}
 
 
 class Monitor:
@@ -137,10 +140,12 @@ class Monitor:
 
 
 def _wait(job, seconds: float) -> bool:
+    from concurrent.futures import TimeoutError as FuturesTimeout  # not the builtin before 3.11
+
     try:
         job.exception(timeout=seconds)
         return True
-    except TimeoutError:
+    except (FuturesTimeout, TimeoutError):
         return False
     except Exception:  # noqa: BLE001 - cancelled, or its error: finished either way
         return True

@@ -82,7 +82,18 @@ def storage_options(endpoint_url: str | None = None, anon: bool | None = None, *
 
 
 def _have_credentials() -> bool:
-    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+    """Credentials the AWS SDK would find, short of asking the instance metadata service (which
+    this never contacts): on EC2 with an instance role, pass ``anon=False``."""
+    names = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    )
+    if any(os.environ.get(n) for n in names):
+        return True
+    if Path(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")).expanduser().exists():
         return True
     return (
         Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
@@ -196,21 +207,18 @@ def explain(err: BaseException, url: str, options: dict | None) -> str:
         )
     ):
         return f"cannot reach the S3 endpoint for {where}: {text}. Is the server running?"
-    if any(
-        s in low
-        for s in (
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "access denied",
-            "accessdenied",
-            "forbidden",
-            "permission",
-            "403",
-        )
-    ):
+    refused = (
+        "invalidaccesskeyid",
+        "signaturedoesnotmatch",
+        "access denied",
+        "accessdenied",
+        "forbidden",
+    )
+    if isinstance(err, PermissionError) or any(s in low for s in refused):
         return (
             f"access to {where} was refused ({text}); check the AWS credentials in the "
-            "environment, or pass anon=True for a public bucket"
+            "environment (anonymous access is used when none are found), or pass anon=True "
+            "for a public bucket"
         )
     if "nosuchbucket" in low or "does not exist" in low:
         return f"bucket of {where} does not exist ({text})"
@@ -292,14 +300,14 @@ class EmbeddedS3:
             stderr=logfile,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent() if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         logfile.close()
         try:
             wait_until_up(self.endpoint_url, timeout, self.proc)
             if self.backend == "seaweedfs":
                 self._wait_for_volumes(timeout)
-        except StorageError:
+        except BaseException:  # KeyboardInterrupt too: never leave a server nobody knows of
             self.stop()
             raise
         self._write_server_file()
@@ -414,13 +422,15 @@ class EmbeddedS3:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In the server's process, before exec: get SIGKILL when the process that started it dies
-    (a notebook kernel shut down without running atexit), so no orphan server is left behind.
-    SIGKILL, because SeaweedFS does not act on this SIGTERM; its writes are already in files."""
+def _die_with_parent():
+    """A pre-exec hook: the server gets SIGKILL when the thread that started it ends (a
+    notebook kernel shut down without running atexit), so no orphan server is left behind.
+    SIGKILL, because SeaweedFS does not act on this SIGTERM; its writes are already in files.
+    libc is loaded here, in the parent: only the prctl call runs between fork and exec."""
     import ctypes
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _suppress:

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = dict(demo._parse_parameter(p) for p in args.parameter)
-    with demo.embedded_s3(Path(args.s3_dir)):
-        run(args.workers, Path(args.out), params, Path(args.s3_dir))
+    with demo.embedded_s3(Path(args.s3_dir).resolve()):
+        run(args.workers, Path(args.out).resolve(), params, Path(args.s3_dir).resolve())
     print(results(args.out).to_string(index=False))
 
 

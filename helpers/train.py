@@ -139,15 +139,22 @@ def train_one_epoch(
     for step, batch in enumerate(loader):
         if step >= steps:
             break
-        if batch is None:  # every image of the batch was unreadable (and logged)
-            continue
+        empty = batch is None  # every image of the batch was unreadable (and logged)
+        if empty:
+            # Every rank must run the same steps, or DDP's gradient all-reduce falls out of
+            # step: take a zero-weight step on a placeholder instead of skipping.
+            size = cfg.image_size
+            batch = (
+                torch.zeros(2, 3, size, size, dtype=torch.uint8),
+                torch.zeros(2, dtype=torch.long),
+            )
         images, labels = (t.to(device, non_blocking=True) for t in batch)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         window_wait += time.perf_counter() - tick
         with autocast:
             logits = model(images)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, labels) * (0.0 if empty else 1.0)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -157,9 +164,10 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        window_seen += len(labels)
+        if not empty:
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            window_seen += len(labels)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             seen, wait = seen + window_seen, wait + window_wait
             now = time.perf_counter()  # .item() below syncs the device: once per window
@@ -197,7 +205,9 @@ def evaluate(model, loader, criterion, device, cfg) -> dict:
     import torch
     import torch.distributed as dist
 
-    model.eval()
+    # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
+    # that ranks with different numbers of validation batches (or none) would never match.
+    model = getattr(model, "module", model).eval()
     autocast, _ = _autocast(device, cfg.amp)
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     with torch.inference_mode(), autocast:
@@ -240,9 +250,37 @@ def save_checkpoint(folder: str, options: dict | None, state: dict) -> None:
     url = checkpoint_path(folder)
     fs = storage.filesystem(url, options)
     path = storage.split_url(url)[1]
-    if storage.split_url(url)[0] == "file":
+    if storage.split_url(url)[0] == "file":  # write then rename: a kill never leaves half a file
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.pipe_file(path, buf.getvalue())
+        with open(path + ".tmp", "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(path + ".tmp", path)
+        return
+    fs.pipe_file(path, buf.getvalue())  # one PUT: S3 objects appear whole or not at all
+
+
+# What must not change between a run and its resumption: the split, the data, the model.
+RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed")
+
+
+def check_resumable(state: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume from a checkpoint of another run (or one already past ``epochs``)."""
+    where = checkpoint_path(cfg.checkpoint_url)
+    changed = [
+        f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
+        for k in RESUME_FIELDS
+        if state["config"].get(k) != getattr(cfg, k)
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {where}: {'; '.join(changed)} (a changed split "
+            "would leak validation images into training); keep them or start afresh"
+        )
+    if state["epoch"] >= cfg.epochs:
+        raise ValueError(
+            f"{where} is already at epoch {state['epoch']}; resume needs "
+            f"epochs > {state['epoch']} (got epochs={cfg.epochs})"
+        )
 
 
 def load_checkpoint(folder: str, options: dict | None = None) -> dict | None:
@@ -342,7 +380,10 @@ def train_rank(cfg: TrainConfig, options: dict | None, *, rank, device) -> list[
     start_epoch = 1
     state = load_checkpoint(cfg.checkpoint_url, options) if cfg.resume else None
     if state is not None:
+        check_resumable(state, cfg)
         model.module.load_state_dict(state["model"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
@@ -381,6 +422,7 @@ def train_rank(cfg: TrainConfig, options: dict | None, *, rank, device) -> list[
                         "config": asdict(cfg),
                         "classes": list(manifest.classes),
                         "metrics": record,
+                        "scaler": scaler.state_dict() if scaler is not None else None,
                     },
                 )
             monitor.publish(cfg.topic, record)

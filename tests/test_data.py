@@ -114,16 +114,18 @@ def test_lazy_dataset_fetches_a_batch_in_one_concurrent_call(dogs, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def with_bad(dogs):
-    """The tiny dataset plus a zero-byte, a truncated and a non-image object."""
-    url, options, manifest = dogs
-    fs = storage.filesystem(url, options)
+def with_bad(s3):
+    """A dataset of its own (others list theirs) plus a zero-byte, a truncated and a non-image."""
+    from helpers import prepare
+
+    url, options = "s3://dogs/with-bad", s3.storage_options
+    manifest = prepare.write_synthetic(url, options, 2, 6)
     bad = {
         "Images/n02085620-Chihuahua/zero.jpg": b"",
         "Images/n02085620-Chihuahua/truncated.jpg": _jpeg(size=(300, 300))[:300],
         "Images/n02085620-Chihuahua/notes.jpg": b"just text",
     }
-    fs.pipe({f"dogs/tiny/{k}": v for k, v in bad.items()})
+    storage.filesystem(url, options).pipe({f"dogs/with-bad/{k}": v for k, v in bad.items()})
     return url, options, manifest, list(manifest.keys) + list(bad)
 
 

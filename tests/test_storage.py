@@ -50,6 +50,7 @@ def test_endpoint_down_fails_within_seconds():
 
 
 def test_endpoint_comes_from_environment(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
     assert storage.storage_options()["endpoint_url"] == "http://minio.example:9000"
     assert storage.storage_options("http://other:1")["endpoint_url"] == "http://other:1"

@@ -111,3 +111,40 @@ def test_resume_continues_from_the_checkpoint(client, dogs, tmp_path):
 def test_missing_checkpoint_names_the_url(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
         train.model_from_checkpoint(str(tmp_path / "none"))
+
+
+def test_resume_refuses_another_runs_checkpoint(dogs, tmp_path):
+    cfg = _config(dogs, epochs=3, checkpoint_url=str(tmp_path), resume=True)
+    state = {"epoch": 1, "config": dataclasses.asdict(dataclasses.replace(cfg, seed=7))}
+    with pytest.raises(ValueError, match="cannot resume from .*seed: 7 -> 0"):
+        train.check_resumable(state, cfg)
+    state = {"epoch": 3, "config": dataclasses.asdict(cfg)}
+    with pytest.raises(ValueError, match="already at epoch 3; resume needs epochs > 3"):
+        train.check_resumable(state, cfg)
+
+
+def _uneven_batches(*, rank, device):
+    """Rank 1 gets an all-unreadable batch (None) where rank 0 gets images: both must finish."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(train.build_model("resnet18", 3))
+    batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
+    loader = [batch, None if rank.rank == 1 else batch, batch]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = train.TrainConfig(image_size=32, log_every=1, topic="uneven")
+    out = train.train_one_epoch(
+        model, loader, torch.nn.CrossEntropyLoss(), opt, sched, device, 1, cfg, rank
+    )
+    return {
+        "seen": out["train_images"],
+        "param_sum": float(sum(p.double().sum() for p in model.parameters())),
+    }
+
+
+def test_an_unreadable_batch_on_one_rank_keeps_ranks_in_step(client):
+    r0, r1 = ddp.run(client, _uneven_batches, timeout_s=60)
+    assert (r0["seen"], r1["seen"]) == (12, 8)
+    assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-6)

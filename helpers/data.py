@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -75,10 +74,11 @@ def list_images(url: str, options: dict | None = None) -> Manifest:
     )
     if not keys:
         raise storage.StorageError(f"no images under {storage.describe(images, options)}")
-    return _manifest(url, keys, _official_split(url, options))
+    return make_manifest(url, keys, _official_split(url, options))
 
 
-def _manifest(url: str, keys, official: dict) -> Manifest:
+def make_manifest(url: str, keys, official: dict) -> Manifest:
+    """A manifest for ``keys`` (relative to ``url``); classes are derived from the folders."""
     classes = tuple(sorted({class_folder(k) for k in keys}))
     return Manifest(url, tuple(keys), classes, {k: tuple(v) for k, v in official.items()})
 
@@ -93,7 +93,7 @@ def load_manifest(url: str, options: dict | None = None, refresh: bool = False) 
     if not refresh:
         try:
             doc = json.loads(fs.cat_file(path))
-            return _manifest(url, doc["keys"], doc.get("official", {}))
+            return make_manifest(url, doc["keys"], doc.get("official", {}))
         except FileNotFoundError:
             pass
         except Exception as err:  # noqa: BLE001
@@ -268,11 +268,8 @@ class S3ImageDataset:
         return self.class_to_idx.get(class_folder(self.keys[i]), -1)
 
     def __getitem__(self, i: int):
-        return (
-            self.__getitems__([i])[0]
-            if self.on_error == "raise"
-            else ((self.__getitems__([i]) or [None])[0])
-        )
+        items = self.__getitems__([i])  # raises for a bad image when on_error="raise"
+        return items[0] if items else None
 
     def __getitems__(self, indices: list[int]) -> list:
         return [(x, y) for _, x, y in self.samples(indices)]
@@ -394,20 +391,18 @@ def make_loader(
     """A DataLoader with worker processes that prefetch whole batches; see :func:`collate`."""
     from torch.utils.data import DataLoader
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle if sampler is None else False,
-            sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=collate,
-            drop_last=drop_last,
-            pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
 
 
 def image_stats(url: str, keys, options: dict | None = None) -> list[dict]:

@@ -27,14 +27,17 @@ def publish(topic: str, record: dict) -> None:
     worker.log_event(topic, record)
 
 
-def progress_line(r: dict, elapsed: float) -> str:
-    """``epoch 1 [40/200] loss 1.23 acc 61.2% img/s 812 eta 0:01:10``"""
-    eta = elapsed / r["step"] * (r["steps"] - r["step"])
-    return (
+def progress_line(r: dict, elapsed: float | None = None) -> str:
+    """``epoch 1 [40/200] loss 1.23 acc 61.2% img/s 812 data 3% eta 0:01:10`` (no eta without
+    ``elapsed``)."""
+    line = (
         f"epoch {r['epoch']} [{r['step']}/{r['steps']}] loss {r['loss']:.3f} "
-        f"acc {100 * r['acc']:.1f}% img/s {r['img_per_s']:.0f} "
-        f"data {100 * r['data_wait']:.0f}% eta {timedelta(seconds=round(eta))}"
+        f"acc {100 * r['acc']:.1f}% img/s {r['img_per_s']:.0f} data {100 * r['data_wait']:.0f}%"
     )
+    if elapsed is None:
+        return line
+    eta = elapsed / r["step"] * (r["steps"] - r["step"])
+    return f"{line} eta {timedelta(seconds=round(eta))}"
 
 
 def epoch_line(r: dict) -> str:
@@ -101,11 +104,7 @@ class Monitor:
             last = next((r for r in reversed(self.records) if r.get("rank") == 0), None)
         if last is None:
             return "waiting for the first record..."
-        return (
-            epoch_line(last)
-            if last["kind"] == "epoch"
-            else progress_line(last, 0).rsplit(" eta", 1)[0]
-        )
+        return epoch_line(last) if last["kind"] == "epoch" else progress_line(last)
 
     def sample_gpus(self) -> None:
         for worker, stats in self.client.run(gpu_stats).items():

@@ -176,7 +176,7 @@ def write_synthetic(
             rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
             blobs[f"{root}/{key}"] = synthetic_image(label, n_breeds, rng)
         fs.pipe(blobs)  # concurrent PUTs
-    manifest = data._manifest(url, [k for k, _ in keys], {})
+    manifest = data.make_manifest(url, [k for k, _ in keys], {})
     data.write_manifest(manifest, options)
     log.info("wrote %d synthetic images of %d breeds to %s", len(keys), n_breeds, url)
     return manifest
@@ -255,7 +255,7 @@ def upload_archive(
                 raw = tar.extractfile(f"{name}_list.mat").read()
                 fs.pipe_file(f"{root}/{name}_list.mat", raw)
                 official[name] = ["Images/" + f for f in data.read_mat_list(raw)]
-    manifest = data._manifest(url, sorted(keys), official)
+    manifest = data.make_manifest(url, sorted(keys), official)
     data.write_manifest(manifest, options)
     log.info("uploaded %d images of %d breeds to %s", len(keys), len(manifest.classes), url)
     return manifest

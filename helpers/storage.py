@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -406,11 +407,11 @@ class EmbeddedS3:
                 # (volumes, the filer's leveldb log), so a short grace then SIGKILL loses nothing.
                 self.proc.wait(timeout=3)
             except (ProcessLookupError, subprocess.TimeoutExpired):
-                with _suppress():
+                with suppress(OSError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)  # reap it: no zombie
         server_file = self.data_dir / SERVER_FILE
-        with _suppress():
+        with suppress(OSError, ValueError, KeyError):
             if json.loads(server_file.read_text()).get("pid") == self.proc.pid:
                 server_file.unlink()
         self.proc = None
@@ -431,14 +432,6 @@ def _die_with_parent():
 
     prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (OSError, ValueError, KeyError))
 
 
 def running_server(data_dir: str | os.PathLike) -> str | None:

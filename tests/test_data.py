@@ -55,7 +55,7 @@ def test_draft_decodes_smaller_but_not_below_target():
 
 
 def _manifest(keys, official=None):
-    return data._manifest("s3://b/p", keys, official or {})
+    return data.make_manifest("s3://b/p", keys, official or {})
 
 
 def test_seeded_split_is_disjoint_stratified_and_order_independent():
@@ -93,7 +93,7 @@ def test_listing_matches_manifest_and_manifest_is_used(dogs):
     cached = data.load_manifest(url, options)
     assert cached.keys == manifest.keys
     # The cached manifest is read, not relisted: a manifest written elsewhere is honoured.
-    fake = data._manifest("s3://dogs/other", manifest.keys[:3], {})
+    fake = data.make_manifest("s3://dogs/other", manifest.keys[:3], {})
     data.write_manifest(fake, options)
     assert len(data.load_manifest("s3://dogs/other", options).keys) == 3
 

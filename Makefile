@@ -3,34 +3,35 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-KERNEL := dask-dl
 
 .PHONY: demo test install lab s3 bench bench-gpu sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.demo
 
-test: $(STAMP)  ## helpers' tests, then every notebook headless (papermill) and nbval's kept outputs
+test: $(STAMP) lint  ## lint, then the helpers' tests, every notebook headless and nbval's kept outputs
 	$(BIN)/python -m pytest
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml kernel/pyproject.toml kernel/kernel.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (dask-dl)" >/dev/null
+	$(BIN)/python -m pip install --quiet -e '.[dev]' ./kernel
+	@# Commits keep notebooks without outputs (but the cells marked keep_output, for nbval).
+	@git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install --attributes .gitattributes || true
 	@# dask.visualize draws task graphs with Graphviz's `dot` (a system package, optional).
 	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1; } || \
 	  echo "note: Graphviz's 'dot' is missing: notebook 01 will describe task graphs in words"
 	touch $(STAMP)
 
-lab: $(STAMP)  ## JupyterLab on the notebooks
-	$(BIN)/jupyter lab notebooks/
+lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebooks' ../img resolves)
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
+	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb
 
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
-	$(BIN)/python -m helpers.storage serve --dir .s3data
+	$(BIN)/python -m helpers.s3server serve --dir .s3data
 
 bench: $(STAMP)  ## CPU benchmarks: data loading (vs ImageFolder, dask-pytorch-ddp), DDP launch (vs torchrun)
 	$(BIN)/python bench/bench_loading.py

@@ -1,7 +1,7 @@
 """DDP launch overhead: the project's Dask dispatch (``helpers.ddp.run``) against ``torchrun``.
 
 What it measures: the same small DistributedDataParallel training loop (:func:`train_steps`:
-torchvision's resnet18 from ``helpers.train.build_model``, SGD, one fixed random uint8 batch
+torchvision's resnet18 from ``helpers.build_model``, SGD, one fixed random uint8 batch
 per rank) on 2 CPU ranks with the gloo backend, launched two ways:
 
 - (A) Dask: ``helpers.ddp.run`` on a *warm* 2-worker ``LocalCluster`` (one throw-away job has
@@ -70,7 +70,7 @@ def train_steps(
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from helpers.train import build_model
+    from helpers.model import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)

@@ -8,7 +8,7 @@ input pipelines, one after the other, in one process:
 - ``synthetic``: one random uint8 batch already on the device, reused every step: no data
   loading at all, the ceiling for this model, step and device;
 - ``real``: JPEGs in a local folder (the Stanford-Dogs layout, generated here with
-  ``helpers.prepare.synthetic_image``), decoded and augmented by ``helpers.data.make_dataset``
+  ``helpers.prepare.synthetic_image``), decoded and augmented by ``helpers.objects.make_dataset``
   + ``make_loader`` (worker processes, pinned memory), then copied to the device.
 
 Why: the tutorial claims its loader keeps a GPU busy. Targets, for one H100: real >= 2000 img/s
@@ -45,7 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # helpers is not installed
 
-from helpers import data, prepare, train  # noqa: E402
+from helpers import data, objects, prepare  # noqa: E402
+from helpers.model import build_model  # noqa: E402
 
 TARGET_IMG_PER_S = 2000.0  # real pipeline, one H100
 TARGET_RATIO = 0.9  # real / synthetic
@@ -240,7 +241,7 @@ def real_loader(cfg: Config, manifest: data.Manifest, device):
     """The project's training dataset and DataLoader over every image of ``manifest``."""
     import torch
 
-    ds = data.make_dataset(manifest, manifest.keys, None, cfg.image_size, train=True)
+    ds = objects.make_dataset(manifest, manifest.keys, None, cfg.image_size, train=True)
     sampler = None
     if cfg.epoch_images:  # repeated shuffles, as many images as asked, in one pass
         g = torch.Generator().manual_seed(cfg.seed)
@@ -277,7 +278,7 @@ def build(cfg: Config, classes: int, device):
     import torch
 
     torch.manual_seed(cfg.seed)
-    model = train.build_model("resnet50", classes).to(device).train()
+    model = build_model("resnet50", classes).to(device).train()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark

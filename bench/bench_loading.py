@@ -1,12 +1,12 @@
 """Data-loading throughput: the project's lazy S3 loader against a local ImageFolder and the peer.
 
 What it measures: the images per second a training DataLoader delivers (fetch, JPEG decode and
-the training transforms of ``helpers.data.train_transform``: RandomResizedCrop, flip,
+the training transforms of ``helpers.transforms.train_transform``: RandomResizedCrop, flip,
 PILToTensor; normalisation happens on the device) for three loaders over the same synthetic
 Stanford-Dogs images, with the same batch size, worker processes, shuffling and prefetch depth,
 in one process:
 
-- (a) ``helpers.data.make_dataset`` + ``make_loader``, reading an embedded S3 server on loopback;
+- (a) ``helpers.objects.make_dataset`` + ``make_loader``, reading an embedded S3 server on loopback;
   (a+) the same with its local disk cache on, as training runs it: the cold 1st pass fills the
   cache from S3, later passes (epochs) read local files;
 - (b) ``torchvision.datasets.ImageFolder`` over a local copy of the same files (no network: the
@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import data, prepare, storage
+from helpers import data, objects, prepare, s3server, storage, transforms
+from helpers.measure import time_loader
 
 log = logging.getLogger("bench_loading")
 
@@ -98,8 +99,8 @@ def peer_environment(endpoint_url: str) -> dict[str, str | None]:
     return {
         "AWS_ENDPOINT_URL": endpoint_url,
         "AWS_ENDPOINT_URL_S3": endpoint_url,  # botocore prefers it to AWS_ENDPOINT_URL when set
-        "AWS_ACCESS_KEY_ID": storage.DUMMY_CREDENTIALS["key"],
-        "AWS_SECRET_ACCESS_KEY": storage.DUMMY_CREDENTIALS["secret"],
+        "AWS_ACCESS_KEY_ID": s3server.DUMMY_CREDENTIALS["key"],
+        "AWS_SECRET_ACCESS_KEY": s3server.DUMMY_CREDENTIALS["secret"],
         "AWS_SESSION_TOKEN": None,  # a real session's token would not match the dummy keys
         "AWS_DEFAULT_REGION": "us-east-1",
     }
@@ -145,7 +146,7 @@ def project_contender(
 ) -> Contender:
     """(a): the project's lazy S3 dataset and loader, exactly as the notebooks build them;
     (a+): the same with its local disk cache (``cache_dir``)."""
-    ds = data.make_dataset(
+    ds = objects.make_dataset(
         manifest, manifest.keys, options, image_size, train=True, cache_dir=cache_dir
     )
     key, name = (
@@ -160,7 +161,7 @@ def local_contender(
     """(b): torchvision's ImageFolder over the local copy."""
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(str(root), transform=data.train_transform(image_size))
+    ds = ImageFolder(str(root), transform=transforms.train_transform(image_size))
     if tuple(ds.classes) != classes:
         raise RuntimeError(f"ImageFolder found classes {ds.classes}, the manifest {classes}")
     return Contender("b", "(b) local ImageFolder", lambda: _plain_loader(ds, batch_size, workers))
@@ -181,7 +182,9 @@ def peer_contender(
 
     env = peer_environment(endpoint_url)
     with environment(env):  # it lists in __init__, with a boto3 client from the environment
-        ds = S3ImageFolder(BUCKET, f"{PREFIX}/Images/", transform=data.train_transform(image_size))
+        ds = S3ImageFolder(
+            BUCKET, f"{PREFIX}/Images/", transform=transforms.train_transform(image_size)
+        )
     if tuple(ds.classes) != classes:
         raise RuntimeError(f"S3ImageFolder found classes {ds.classes}, the manifest {classes}")
     if 0 < limit < len(ds):
@@ -194,20 +197,20 @@ def peer_contender(
     )
 
 
-def measure(contenders: list[Contender], repeats: int) -> dict[str, dict]:
+def measure_all(contenders: list[Contender], repeats: int) -> dict[str, dict]:
     """One untimed cold pass each, then ``repeats`` round-robin timed passes; keep each best."""
     loaders, rows = {}, {}
     try:
         for c in contenders:
             with environment(c.env):  # its workers start inside, and inherit it
                 loaders[c.key] = c.build()
-                cold = data.time_loader(loaders[c.key])
+                cold = time_loader(loaders[c.key])
             rows[c.key] = {"name": c.name, "first_pass_img_per_s": cold["img_per_s"]}
             log.info("1st pass %s: %s", c.name, cold)
         for i in range(repeats):
             for c in contenders:
                 with environment(c.env):
-                    result = data.time_loader(loaders[c.key])
+                    result = time_loader(loaders[c.key])
                 log.info("pass %d %s: %s", i + 1, c.name, result)
                 if result["img_per_s"] > rows[c.key].get("img_per_s", -1.0):
                     rows[c.key].update(result)
@@ -260,7 +263,7 @@ def _benchmark(cfg: dict) -> dict[str, dict]:
     """Best pass of each loader; fills in cfg["images"] and cfg["s3_backend"]. Cleans up."""
     size, batch, workers = cfg["image_size"], cfg["batch_size"], cfg["workers"]
     with tempfile.TemporaryDirectory(prefix="bench-loading-") as tmp:
-        with storage.EmbeddedS3(Path(tmp) / "s3") as server:
+        with s3server.EmbeddedS3(Path(tmp) / "s3") as server:
             options = server.storage_options
             url = f"s3://{BUCKET}/{PREFIX}"
             log.info("generating %d x %d images at %s", cfg["breeds"], cfg["per_breed"], url)
@@ -285,7 +288,7 @@ def _benchmark(cfg: dict) -> dict[str, dict]:
                     cfg["seed"],
                 ),
             ]
-            return measure(contenders, cfg["repeats"])
+            return measure_all(contenders, cfg["repeats"])
 
 
 def report(result: dict) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import cluster, ddp, monitor, prepare, train  # noqa: E402
+from helpers.config import TrainConfig  # noqa: E402
 
 
 def run(
@@ -35,7 +36,7 @@ def run(
         prepare.write_synthetic(url, None, 10, per_breed)
         with cluster.make_client("auto", workers) as client:
             watch = monitor.Monitor(client, "smoke")
-            cfg = train.TrainConfig(
+            cfg = TrainConfig(
                 data_url=url,
                 image_size=image_size,
                 batch_size=batch_size,

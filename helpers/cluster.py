@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
+from distributed import Client
+
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("auto", "local", "cuda")
@@ -69,7 +71,7 @@ def make_client(
     ``n_workers`` applies to local clusters (default: one per core, or one per GPU); ``tls``
     encrypts a local cluster's traffic with a throw-away certificate.
     """
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     check_cluster(cluster)
     apply_dask_config()
@@ -86,7 +88,7 @@ def make_client(
     security = _temporary_security() if tls else None
     protocol = "tls://" if tls else "tcp://"
     if cluster == "cuda":
-        return _owning(Client(_cuda_cluster(n_workers, security, protocol), security=security))
+        return OwningClient(_cuda_cluster(n_workers, security, protocol), security=security)
     n_workers = n_workers or os.cpu_count() or 1
     local = LocalCluster(
         n_workers=n_workers,
@@ -97,14 +99,19 @@ def make_client(
         protocol=protocol,
         security=security,
     )
-    return _owning(Client(local, security=security))
+    return OwningClient(local, security=security)
 
 
-def _owning(client):
-    # Close the cluster with the client, as Client() does for a cluster it started itself, so a
-    # notebook's final client.close() frees the workers.
-    client._start_arg = None
-    return client
+class OwningClient(Client):
+    """A client that closes the local cluster it was given when it closes, as ``Client()`` does
+    for a cluster it started itself: a notebook's last ``client.close()`` frees the workers. A
+    remote cluster's client (a plain ``Client``) closes only itself."""
+
+    def close(self, *args, **kwargs):
+        result = super().close(*args, **kwargs)
+        if self.cluster is not None:
+            self.cluster.close()
+        return result
 
 
 def _cuda_cluster(n_workers, security, protocol):
@@ -145,3 +152,43 @@ def describe(client) -> str:
         + (f", {gpus} GPUs" if gpus else "")
         + f"; dashboard {client.dashboard_link}"
     )
+
+
+def worker_facts() -> dict:
+    """What training needs to know about the worker this runs on (``client.run`` it)."""
+    import multiprocessing
+
+    return {
+        "daemon": multiprocessing.current_process().daemon,
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset"),
+    }
+
+
+_WARNED: set[str] = set()  # workers already warned about malloc trimming, in this process
+
+
+def check_workers(client) -> None:
+    """Fail within seconds, naming the setting, if a worker cannot run a training rank.
+
+    A daemonic worker cannot start DataLoader processes (the rank would fail at its first batch
+    with "daemonic processes are not allowed to have children"). A worker that keeps the
+    nanny's ``MALLOC_TRIM_THRESHOLD_`` works, slowly: it gets one warning.
+    """
+    facts = client.run(worker_facts)
+    daemonic = sorted(w for w, f in facts.items() if f["daemon"])
+    if daemonic:
+        raise RuntimeError(
+            f"worker(s) {', '.join(daemonic)} are daemonic processes, which may not start "
+            "DataLoader worker processes. Start the workers with the environment variable "
+            "DASK_DISTRIBUTED__WORKER__DAEMON=False (or the Dask config key "
+            "distributed.worker.daemon: false), then restart them; see notebook 03"
+        )
+    trimming = sorted(w for w, f in facts.items() if f["MALLOC_TRIM_THRESHOLD_"] != "unset")
+    if set(trimming) - _WARNED:
+        _WARNED.update(trimming)
+        log.warning(
+            "worker(s) %s keep the nanny's MALLOC_TRIM_THRESHOLD_, which makes glibc return "
+            "memory on nearly every free and slows PyTorch on CPUs; remove it from the config "
+            "key distributed.nanny.pre-spawn-environ (helpers.cluster.DASK_CONFIG)",
+            ", ".join(trimming),
+        )

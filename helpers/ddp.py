@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+from helpers.cluster import check_workers
+
 log = logging.getLogger(__name__)
 
 LOCK = "helpers.ddp.job"  # one DDP job at a time per cluster: ranks share the workers' threads
@@ -173,6 +175,7 @@ def run(
     """
     from distributed import Lock
 
+    check_workers(client)  # a worker that cannot run a rank fails here, in seconds
     lock = Lock(LOCK, scheduler_rpc=client.scheduler, loop=client.loop)
     if not lock.acquire(timeout=lock_timeout_s):
         raise TimeoutError(

@@ -11,69 +11,14 @@ order with its parameters, writes the executed copies and an HTML export of each
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import storage
+from helpers import runner, sweep
+from helpers.runner import ROOT
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ROOT / "notebooks"
-KERNEL = "dask-dl"
-
-
-def notebook_paths(only: list[str] | None = None) -> list[Path]:
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]-*.ipynb"))
-    if only:
-        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
-        if not paths:
-            raise ValueError(
-                f"--only {only}: no notebook starts with that; have "
-                f"{[p.name for p in sorted(NOTEBOOKS.glob('*.ipynb'))]}"
-            )
-    return paths
-
-
-def execute(
-    path: Path, out_dir: Path, parameters: dict, html: bool = True, timeout: int = 1800
-) -> Path:
-    """Execute one notebook with papermill (kernel cwd: ``notebooks/``); export HTML too."""
-    import papermill
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / path.name
-    papermill.execute_notebook(
-        str(path),
-        str(out),
-        parameters=parameters,
-        cwd=str(path.parent),
-        kernel_name=KERNEL,
-        progress_bar=False,
-        execution_timeout=timeout,
-    )
-    if html:
-        from nbconvert import HTMLExporter
-
-        body, _ = HTMLExporter().from_filename(str(out))
-        out.with_suffix(".html").write_text(body)
-    return out
-
-
-@contextmanager
-def embedded_s3(s3_dir: Path):
-    """Reuse the server already serving ``s3_dir``, or run one for the duration."""
-    server = None
-    if storage.running_server(s3_dir) is None:
-        server = storage.EmbeddedS3(s3_dir).start()
-    try:
-        yield
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def run(
@@ -89,11 +34,9 @@ def run(
     With ``sweep_workers``, the scaling sweep (notebook 04 per worker count) runs before the
     notebook that plots it (06).
     """
-    from helpers import sweep
-
     done = []
-    with embedded_s3(s3_dir):
-        for path in notebook_paths(only):
+    with runner.embedded_s3(s3_dir):
+        for path in runner.notebook_paths(only):
             if path.name.startswith("06") and sweep_workers:
                 log.info("scaling sweep over %s workers ...", sweep_workers)
                 sweep.run(sweep_workers, out_dir.parent / "sweep", {}, s3_dir)
@@ -101,7 +44,7 @@ def run(
             params = {"s3_endpoint": "embedded", "s3_data_dir": str(s3_dir), **overrides}
             start = time.perf_counter()
             log.info("running %s ...", path.name)
-            done.append(execute(path, out_dir, params, html))
+            done.append(runner.execute(path, out_dir, params, html))
             log.info("%s done in %.0f s", path.name, time.perf_counter() - start)
     return done
 
@@ -135,14 +78,6 @@ def summary(build: Path) -> list[str]:
     return lines
 
 
-def _parse_parameter(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=")
-    try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m helpers.demo",
@@ -169,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = dict(_parse_parameter(p) for p in args.parameter)
+    overrides = dict(runner.parse_parameter(p) for p in args.parameter)
     out_dir = Path(args.out).resolve()  # kernels run in notebooks/
     start = time.perf_counter()
     done = run(

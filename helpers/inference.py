@@ -1,8 +1,9 @@
 """Batch inference over S3 images with a trained checkpoint, one batch of keys per Dask task.
 
-The model is loaded once per worker process (not per task) and kept; the device is decided on
-the worker (its GPU if it has one); every image's probabilities are the softmax of its own
-logits. Tasks return small rows (key, breeds, probabilities), never tensors.
+The model is loaded once per worker process (not per task) and kept
+(:func:`helpers.checkpoint.cached_model`); the device is decided on the worker (its GPU if it
+has one); every image's probabilities are the softmax of its own logits. Tasks return small
+rows (key, breeds, probabilities), never tensors.
 """
 
 from __future__ import annotations
@@ -10,66 +11,14 @@ from __future__ import annotations
 import logging
 import os
 
-from helpers import data, train
+from helpers import checkpoint, data, objects, transforms
 
 log = logging.getLogger(__name__)
-
-_MODELS: dict[tuple, tuple] = {}  # (pid, checkpoint_url) -> (model, state, device)
-_BUILDS = {"count": 0}  # models built in this process: tests check "once per worker"
-REQUIRED = ("model", "classes", "config")
-
-
-def load_model(checkpoint_url: str, options: dict | None = None):
-    """``(model, state, device)`` for ``checkpoint_url``, built once per process and kept."""
-    import torch
-
-    key = (os.getpid(), checkpoint_url, _version(checkpoint_url, options))
-    if key not in _MODELS:
-        state = train.load_checkpoint(checkpoint_url, options)
-        where = train.checkpoint_path(checkpoint_url)
-        if state is None:
-            raise FileNotFoundError(
-                f"no checkpoint at {where}; run notebook 04 first or check checkpoint_url"
-            )
-        missing = [k for k in REQUIRED if k not in state]
-        if missing:
-            raise ValueError(
-                f"{where} is not a checkpoint of helpers.train: it lacks {missing} "
-                f"(expected a dict with {list(REQUIRED)})"
-            )
-        model = train.build_model(state["config"]["arch"], len(state["classes"]))
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ValueError(
-                f"{where} does not fit a {state['config']['arch']} with "
-                f"{len(state['classes'])} classes: {err}"
-            ) from err
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(device).eval()
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        _MODELS[key] = (model, state, device)
-        _BUILDS["count"] += 1
-        log.info("loaded %s on %s", where, device)
-    return _MODELS[key]
-
-
-def _version(checkpoint_url: str, options: dict | None) -> str:
-    """The checkpoint's ETag or mtime: a retrained checkpoint is loaded again, not served stale."""
-    from helpers import storage
-
-    url = train.checkpoint_path(checkpoint_url)
-    try:
-        info = storage.filesystem(url, options).info(storage.split_url(url)[1])
-    except FileNotFoundError:
-        return ""
-    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
 
 
 def builds() -> int:
     """How many models this process has built (run on workers with ``client.run``)."""
-    return _BUILDS["count"]
+    return checkpoint.builds()
 
 
 def predict(
@@ -79,11 +28,11 @@ def predict(
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)  # per task: it outlives the task
-    model, state, device = load_model(checkpoint_url, options)
+    model, state, device = checkpoint.cached_model(checkpoint_url, options)
     classes = state["classes"]
     size = state["config"]["image_size"]
-    ds = data.S3ImageDataset(
-        data_url, keys, classes, options, data.eval_transform(size), draft=size
+    ds = objects.S3ImageDataset(
+        data_url, keys, classes, options, transforms.eval_transform(size), draft=size
     )
     samples = ds.samples(list(range(len(keys))))
     if not samples:
@@ -151,4 +100,4 @@ def warm(checkpoint_url: str, options: dict | None, data_url: str, keys) -> str:
     ``keys`` once, so first-call costs (imports, connections, kernel plans) are paid before
     timing. Returns the device."""
     predict(checkpoint_url, options, data_url, keys, threads=1)
-    return str(load_model(checkpoint_url, options)[2])
+    return str(checkpoint.cached_model(checkpoint_url, options)[2])

@@ -111,7 +111,7 @@ class Monitor:
             self.gpu += [{"worker": worker, **s} for s in stats]
 
     def follow(self, job, refresh_s: float = 2.0, gpus: bool = False, draw=None):
-        """Redraw ``draw(monitor)`` (a figure) in the cell's output until ``job`` is done.
+        """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done.
 
         ``job`` is a ``concurrent.futures.Future`` (:func:`helpers.ddp.start`); returns its
         result, raising its error.
@@ -124,7 +124,7 @@ class Monitor:
             if gpus:
                 self.sample_gpus()
             if handle is not None and len(self.records):
-                fig = draw(self)
+                fig = _figure(draw(self))
                 handle.update(fig)
                 _close(fig)
             if finished:
@@ -148,6 +148,16 @@ def _wait(job, seconds: float) -> bool:
         return False
     except Exception:  # noqa: BLE001 - cancelled, or its error: finished either way
         return True
+
+
+def _figure(drawn):
+    """The figure of what a plot helper returned: an Axes, an array or list of them."""
+    first = (
+        drawn.flat[0]
+        if hasattr(drawn, "flat")
+        else (drawn[0] if isinstance(drawn, (list, tuple)) else drawn)
+    )
+    return first.figure
 
 
 def _close(fig) -> None:

@@ -1,5 +1,6 @@
-"""Figures for the notebooks. Each takes ``ax=None`` (or a figure size), returns what it drew,
-and never calls ``plt.show()``: the notebook decides what to display."""
+"""Figures for the notebooks. Each takes ``ax=None`` (or ``axes=None`` for a grid of plots), draws
+into it or a new figure, returns the Axes, and never calls ``plt.show()``: the notebook decides
+what to display (``ax.figure`` is the figure)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ def to_image(tensor):
     return tensor.detach().cpu().permute(1, 2, 0).numpy()
 
 
-def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0):
-    """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``; returns the figure."""
+def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0, axes=None):
+    """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``; returns the Axes."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n = len(images)
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(ncols * size, nrows * size * 1.1), squeeze=False
-    )
+    if axes is None:
+        figsize = (ncols * size, nrows * size * 1.1)
+        _, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+    axes = np.asarray(axes)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -40,15 +43,17 @@ def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0):
         img = images[i]
         ax.imshow(to_image(img) if hasattr(img, "detach") else img)
         ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
-    fig.tight_layout()
-    return fig
+    axes.flat[0].figure.tight_layout()
+    return axes
 
 
-def training_curves(steps, epochs, figsize=(13, 3.4)):
-    """Loss, accuracy and img/s from a Monitor's step and epoch frames; returns the figure."""
+def training_curves(steps, epochs, axes=None, figsize=(13, 3.4)):
+    """Loss, accuracy and img/s from a Monitor's step and epoch frames; returns the 3 Axes."""
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc, ax_speed) = plt.subplots(1, 3, figsize=figsize)
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=figsize)
+    ax_loss, ax_acc, ax_speed = axes
     if len(steps):
         s = steps[steps["rank"] == 0]
         x = s["epoch"] - 1 + s["step"] / s["steps"]
@@ -66,25 +71,25 @@ def training_curves(steps, epochs, figsize=(13, 3.4)):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    ax_loss.figure.tight_layout()
+    return axes
 
 
-def live_training(monitor):
-    """The figure :meth:`helpers.monitor.Monitor.follow` redraws: curves + the latest line."""
-    fig = training_curves(monitor.frame("step"), monitor.frame("epoch"))
-    fig.suptitle(monitor.latest_line(), fontsize=9, family="monospace", y=1.02)
-    return fig
+def live_training(monitor, axes=None):
+    """What :meth:`helpers.monitor.Monitor.follow` redraws: curves + the latest line (Axes)."""
+    axes = training_curves(monitor.frame("step"), monitor.frame("epoch"), axes)
+    axes[0].figure.suptitle(monitor.latest_line(), fontsize=9, family="monospace", y=1.02)
+    return axes
 
 
-def predictions(images, true, pred, classes, ncols: int = 6):
+def predictions(images, true, pred, classes, ncols: int = 6, axes=None):
     """Validation images titled ``predicted / true`` breed: green when right, red when wrong."""
     from helpers.data import breed
 
     pairs = list(zip(true, pred, strict=True))
     titles = [f"{breed(classes[p])}\n(true: {breed(classes[t])})" for t, p in pairs]
     colors = ["green" if t == p else "red" for t, p in pairs]
-    return image_grid(images, titles, colors, ncols=ncols)
+    return image_grid(images, titles, colors, ncols=ncols, axes=axes)
 
 
 def confusion_matrix(true, predicted, labels, ax=None):

@@ -22,7 +22,7 @@ import math
 import tarfile
 from pathlib import Path
 
-from helpers import data, storage
+from helpers import data, s3server, storage
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     arc.add_argument("--lists", default=None, help="the official lists.tar (train/test split)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = storage.connect(args.endpoint, args.s3_dir)
+    options = s3server.connect(args.endpoint, args.s3_dir)
     if args.command == "synthetic":
         m = ensure_synthetic(args.url, options, args.breeds, args.per_breed, args.seed)
     else:

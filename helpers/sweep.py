@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from helpers import demo, storage
+from helpers import runner, storage
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ RESULTS = "sweep.csv"
 
 def run(workers: list[int], out_dir: Path, params: dict, s3_dir: Path) -> list[Path]:
     """Execute notebook 04 once per worker count; returns the executed notebooks."""
-    (nb,) = demo.notebook_paths(["04"])
+    (nb,) = runner.notebook_paths(["04"])
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
     for n in workers:
@@ -39,7 +39,7 @@ def run(workers: list[int], out_dir: Path, params: dict, s3_dir: Path) -> list[P
             "checkpoint_url": str(run_dir / "checkpoint"),
         }
         log.info("sweep: %d workers ...", n)
-        done.append(demo.execute(nb, run_dir, p, html=False))
+        done.append(runner.execute(nb, run_dir, p, html=False))
     results(out_dir).to_csv(out_dir / RESULTS, index=False)
     return done
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", default=str(demo.ROOT / "build" / "sweep"))
-    parser.add_argument("--s3-dir", default=str(demo.ROOT / ".s3data"))
+    parser.add_argument("--out", default=str(runner.ROOT / "build" / "sweep"))
+    parser.add_argument("--s3-dir", default=str(runner.ROOT / ".s3data"))
     parser.add_argument(
         "-p",
         "--parameter",
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = dict(demo._parse_parameter(p) for p in args.parameter)
-    with demo.embedded_s3(Path(args.s3_dir).resolve()):
+    params = dict(runner.parse_parameter(p) for p in args.parameter)
+    with runner.embedded_s3(Path(args.s3_dir).resolve()):
         run(args.workers, Path(args.out).resolve(), params, Path(args.s3_dir).resolve())
     print(results(args.out).to_string(index=False))
 

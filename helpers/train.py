@@ -1,99 +1,23 @@
-"""ResNet training from scratch with DistributedDataParallel: config, model, loops, checkpoints.
+"""Training from scratch with DistributedDataParallel: the per-rank function and its loops.
 
 The split follows torchvision's ``references/classification``: :func:`train_one_epoch`,
-:func:`evaluate`, and the per-rank function :func:`train_rank` that :func:`helpers.ddp.run`
-calls on every Dask worker. Workers return small metric records, never the model; rank 0 writes
-the checkpoints.
+:func:`evaluate`, and the per-rank function :func:`train_rank` that :func:`helpers.ddp.run` calls
+on every Dask worker (notebook 04 shows it line by line). Workers return small metric records,
+never the model; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
 
-from helpers import data, monitor, storage
+from helpers import checkpoint, data, monitor, objects
+from helpers.config import TrainConfig
+from helpers.model import build_model, param_sum
 
 log = logging.getLogger(__name__)
-
-ARCHS = ("resnet50", "resnet18")
-AMPS = ("auto", "bf16", "fp16", "off")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, applied on the device
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a rank needs; field names match notebook 04's parameters."""
-
-    data_url: str = "s3://dogs/synthetic"
-    arch: str = "resnet50"  # "resnet50" or "resnet18" (quicker)
-    image_size: int = 96  # training resolution
-    epochs: int = 6
-    batch_size: int = 32  # per rank; the global batch is batch_size x ranks
-    lr: float = 0.1  # for a global batch of 256, scaled linearly to the real one
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    val_fraction: float = 0.2
-    seed: int = 0
-    loader_workers: int = 2  # DataLoader processes per rank
-    cache_dir: str = ""  # local disk cache for fetched images ("" = none)
-    checkpoint_url: str = ""  # folder (local or s3://) for checkpoint.pt; "" = none
-    resume: bool = False  # continue from checkpoint_url's checkpoint if there is one
-    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
-    log_every: int = 10  # steps between metric records
-    max_steps: int = 0  # per epoch; 0 = the whole epoch (tests use a few)
-    threads: int = 0  # torch threads per rank; 0 = cores / ranks on the host
-    topic: str = "training"  # the Dask event topic metrics are published on
-
-    def __post_init__(self):
-        check = [("arch", self.arch, ARCHS), ("amp", self.amp, AMPS)]
-        for name, value, allowed in check:
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
-        for name in ("image_size", "epochs", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: 1 or more")
-        if self.image_size < 32:
-            raise ValueError(f"image_size={self.image_size}; allowed: 32 or more")
-        if self.resume and not self.checkpoint_url:
-            raise ValueError("resume=True needs checkpoint_url (a folder, local or s3://)")
-
-    @classmethod
-    def from_params(cls, params: dict) -> TrainConfig:
-        """Build from a notebook's globals: takes the fields it knows, ignores the rest."""
-        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
-
-
-def build_model(arch: str, num_classes: int):
-    """torchvision's ``arch`` with ``weights=None`` (from scratch), normalising its uint8 input.
-
-    Normalising inside the model lets the loaders ship uint8 (a quarter of the bytes) and keeps
-    the statistics with the checkpoint.
-    """
-    import torch
-    import torchvision
-
-    class Normalized(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
-            self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
-            self.net = net
-
-        def forward(self, x):
-            return self.net((x.float() - self.mean) / self.std)
-
-    # zero_init_residual: each block starts as the identity, which keeps from-scratch training
-    # stable with small per-rank batches (Goyal et al., "ImageNet in 1 hour").
-    net = getattr(torchvision.models, arch)(
-        weights=None, num_classes=num_classes, zero_init_residual=True
-    )
-    return Normalized(net)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -108,51 +32,168 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
-def _autocast(device, amp: str):
+def autocast(device, amp: str):
+    """The autocast context for ``amp`` ("auto": bf16 on CUDA, off on CPU)."""
     import torch
 
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False), False
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype), amp == "fp16"
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
+
+
+def grad_scaler(device, amp: str):
+    """A GradScaler for fp16 (bf16 and fp32 need none), else None."""
+    import torch
+
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def make_loaders(cfg: TrainConfig, options: dict | None, rank, device) -> tuple:
+    """``(classes, train_loader, val_loader)``: the same split on every rank, disjoint shares.
+
+    Training batches come through a ``DistributedSampler``; each rank validates its own slice of
+    the validation split. The training loader's generator is reseeded every epoch
+    (:func:`augment_seed`), so augmentations are reproducible and a resumed run sees what a
+    straight run saw.
+    """
+    import torch
+    from torch.utils.data.distributed import DistributedSampler
+
+    manifest = data.load_manifest(cfg.data_url, options)
+    split = data.split(manifest, cfg.val_fraction, cfg.seed)
+    kw = dict(cache_dir=cfg.cache_dir, shuffle_pixels=cfg.shuffle_pixels)
+    train_ds = objects.make_dataset(manifest, split.train, options, cfg.image_size, True, **kw)
+    own_val = data.shard(split.val, rank.rank, rank.world_size)
+    val_ds = objects.make_dataset(manifest, own_val, options, cfg.image_size, False, **kw)
+    sampler = DistributedSampler(
+        train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    pin = device.type == "cuda"
+    train_loader = data.make_loader(
+        train_ds, cfg.batch_size, cfg.loader_workers, sampler=sampler, drop_last=True,
+        pin_memory=pin, generator=torch.Generator(), persistent=False,
+    )  # fmt: skip
+    val_loader = data.make_loader(val_ds, cfg.batch_size * 2, cfg.loader_workers, pin_memory=pin)
+    return manifest.classes, train_loader, val_loader
+
+
+def augment_seed(cfg: TrainConfig, epoch: int, rank) -> int:
+    """The loader processes' seed for an epoch: a resumed run augments as a straight run did."""
+    return cfg.seed * 1_000_003 + epoch * 1_009 + rank.rank
+
+
+def to_device(model, device):
+    """The model on ``device``; channels_last on CUDA (faster convolutions with tensor cores)."""
+    import torch
+
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
+    """Per-step schedule: ``warmup_epochs`` of linear warm-up, then cosine decay to zero."""
+    import torch
+
+    schedule = lr_lambda(int(cfg.warmup_epochs * steps), cfg.epochs * steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def steps_per_epoch(loader, cfg: TrainConfig) -> int:
+    return min(cfg.max_steps, len(loader)) if cfg.max_steps else len(loader)
+
+
+def placeholder_batch(size: int) -> tuple:
+    """Two black images: the zero-weight step a rank takes when all of its batch was unreadable.
+
+    Every rank must run the same steps, or DDP's gradient all-reduce falls out of step.
+    """
+    import torch
+
+    return torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+
+
+class StepMeter:
+    """Running loss and accuracy on the device, throughput and data wait per ``log_every`` window.
+
+    The sums stay on the device: ``.item()`` syncs once per window, never per step.
+    """
+
+    def __init__(self, device, epoch: int, steps: int, cfg: TrainConfig, rank):
+        import torch
+
+        self.epoch, self.steps, self.cfg, self.rank = epoch, steps, cfg, rank
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = self.window_seen = 0
+        self.wait = self.window_wait = 0.0
+        self.start = self.window_start = self.tick = time.perf_counter()
+
+    def waited(self) -> None:
+        """Call when a batch is on the device: the time since the last step was data wait."""
+        self.window_wait += time.perf_counter() - self.tick
+
+    def add(self, step: int, loss, logits, labels, lr: float) -> None:
+        """Count one optimizer step; publish a record at the end of each window."""
+        self.loss += loss.detach() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.window_seen += len(labels)
+        if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.steps:
+            self._publish(step, lr)
+        self.tick = time.perf_counter()
+
+    def _publish(self, step: int, lr: float) -> None:
+        self.seen, self.wait = self.seen + self.window_seen, self.wait + self.window_wait
+        now = time.perf_counter()
+        record = {
+            "kind": "step", "rank": self.rank.rank, "epoch": self.epoch, "step": step + 1,
+            "steps": self.steps, "loss": self.loss.item() / max(self.seen, 1),
+            "acc": self.correct.item() / max(self.seen, 1), "lr": lr,
+            "img_per_s": self.window_seen * self.rank.world_size / (now - self.window_start),
+            "data_wait": self.window_wait / (now - self.window_start), "time": time.time(),
+        }  # fmt: skip
+        monitor.publish(self.cfg.topic, record)
+        if self.rank.rank == 0:
+            log.info(monitor.progress_line(record, elapsed=now - self.start))
+        self.window_seen, self.window_wait, self.window_start = 0, 0.0, now
+
+    def summary(self, device) -> dict:
+        """The epoch's record so far: who, where, and the training numbers."""
+        elapsed = time.perf_counter() - self.start
+        return {
+            "kind": "epoch",
+            "epoch": self.epoch,
+            "rank": self.rank.rank,
+            "world_size": self.rank.world_size,
+            "device": str(device),
+            "time": time.time(),
+            "train_loss": self.loss.item() / max(self.seen, 1),
+            "train_acc": self.correct.item() / max(self.seen, 1),
+            "train_images": self.seen,
+            "train_img_per_s": self.seen * self.rank.world_size / elapsed,
+            "data_wait": self.wait / elapsed,
+            "epoch_s": elapsed,
+        }
 
 
 def train_one_epoch(
     model, loader, criterion, optimizer, scheduler, device, epoch, cfg, rank, scaler=None
 ) -> dict:
-    """One pass over this rank's shard; publishes a record every ``log_every`` steps.
-
-    The loss stays on the device between records: no per-step host sync for monitoring.
-    """
+    """One pass over this rank's share; publishes a record every ``log_every`` steps."""
     import torch
 
     model.train()
-    steps = len(loader) if not cfg.max_steps else min(cfg.max_steps, len(loader))
-    autocast, _ = _autocast(device, cfg.amp)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = window_seen = 0
-    wait = window_wait = 0.0
-    start = window_start = tick = time.perf_counter()
-    for step, batch in enumerate(loader):
-        if step >= steps:
-            break
+    steps = steps_per_epoch(loader, cfg)
+    meter = StepMeter(device, epoch, steps, cfg, rank)
+    for step, batch in zip(range(steps), loader, strict=False):  # stop at steps
         empty = batch is None  # every image of the batch was unreadable (and logged)
-        if empty:
-            # Every rank must run the same steps, or DDP's gradient all-reduce falls out of
-            # step: take a zero-weight step on a placeholder instead of skipping.
-            size = cfg.image_size
-            batch = (
-                torch.zeros(2, 3, size, size, dtype=torch.uint8),
-                torch.zeros(2, dtype=torch.long),
-            )
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        images, labels = (
+            t.to(device, non_blocking=True) for t in batch or placeholder_batch(cfg.image_size)
+        )
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        window_wait += time.perf_counter() - tick
-        with autocast:
+        meter.waited()
+        with autocast(device, cfg.amp):
             logits = model(images)
             loss = criterion(logits, labels) * (0.0 if empty else 1.0)
         optimizer.zero_grad(set_to_none=True)
@@ -165,68 +206,29 @@ def train_one_epoch(
             optimizer.step()
         scheduler.step()
         if not empty:
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            window_seen += len(labels)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            seen, wait = seen + window_seen, wait + window_wait
-            now = time.perf_counter()  # .item() below syncs the device: once per window
-            record = {
-                "kind": "step",
-                "rank": rank.rank,
-                "epoch": epoch,
-                "step": step + 1,
-                "steps": steps,
-                "loss": loss_sum.item() / seen,
-                "acc": correct.item() / seen,
-                "lr": optimizer.param_groups[0]["lr"],
-                "img_per_s": window_seen * rank.world_size / (now - window_start),
-                "data_wait": window_wait / (now - window_start),
-                "time": time.time(),
-            }
-            monitor.publish(cfg.topic, record)
-            if rank.rank == 0:
-                log.info(monitor.progress_line(record, elapsed=now - start))
-            window_seen, window_wait, window_start = 0, 0.0, now
-        tick = time.perf_counter()
-    elapsed = time.perf_counter() - start
-    return {
-        "train_loss": loss_sum.item() / max(seen, 1),
-        "train_acc": correct.item() / max(seen, 1),
-        "train_images": seen,
-        "train_img_per_s": seen * rank.world_size / elapsed,
-        "data_wait": wait / elapsed,
-        "epoch_s": elapsed,
-    }
+            meter.add(step, loss, logits, labels, optimizer.param_groups[0]["lr"])
+    return meter.summary(device)
 
 
 def evaluate(model, loader, criterion, device, cfg) -> dict:
-    """Loss, top-1 and top-5 over this rank's validation shard, summed across all ranks."""
+    """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks."""
     import torch
     import torch.distributed as dist
 
     # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
     # that ranks with different numbers of validation batches (or none) would never match.
     model = getattr(model, "module", model).eval()
-    autocast, _ = _autocast(device, cfg.amp)
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, cfg.amp):
         for batch in loader:
             if batch is None:
                 continue
             images, labels = (t.to(device, non_blocking=True) for t in batch)
             logits = model(images).float()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hits = top == labels[:, None]
-            totals += torch.stack(
-                [
-                    criterion(logits, labels) * len(labels),
-                    hits[:, 0].sum(),
-                    hits.any(1).sum(),
-                    torch.tensor(len(labels), device=device),
-                ]
-            ).to(totals.dtype)
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            n = torch.tensor(len(labels), device=device)
+            loss = criterion(logits, labels) * len(labels)
+            totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), n]).to(totals.dtype)
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
@@ -238,194 +240,56 @@ def evaluate(model, loader, criterion, device, cfg) -> dict:
     }
 
 
-def checkpoint_path(folder: str) -> str:
-    return storage.join(folder, "checkpoint.pt")
-
-
-def save_checkpoint(folder: str, options: dict | None, state: dict) -> None:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    url = checkpoint_path(folder)
-    fs = storage.filesystem(url, options)
-    path = storage.split_url(url)[1]
-    if storage.split_url(url)[0] == "file":  # write then rename: a kill never leaves half a file
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(path + ".tmp", path)
-        return
-    fs.pipe_file(path, buf.getvalue())  # one PUT: S3 objects appear whole or not at all
-
-
-# What must not change between a run and its resumption: the split, the data, the model.
-RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed")
-
-
-def check_resumable(state: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume from a checkpoint of another run (or one already past ``epochs``)."""
-    where = checkpoint_path(cfg.checkpoint_url)
-    changed = [
-        f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
-        for k in RESUME_FIELDS
-        if state["config"].get(k) != getattr(cfg, k)
-    ]
-    if changed:
-        raise ValueError(
-            f"cannot resume from {where}: {'; '.join(changed)} (a changed split "
-            "would leak validation images into training); keep them or start afresh"
+def save_epoch(cfg: TrainConfig, options, model, optimizer, scheduler, scaler, classes, record):
+    """Rank 0's end of an epoch: the checkpoint (when asked for) and the epoch's record."""
+    if cfg.checkpoint_url:
+        state = checkpoint.state_of(
+            cfg, model, optimizer, scheduler, record["epoch"], classes, record, scaler
         )
-    if state["epoch"] >= cfg.epochs:
-        raise ValueError(
-            f"{where} is already at epoch {state['epoch']}; resume needs "
-            f"epochs > {state['epoch']} (got epochs={cfg.epochs})"
-        )
-
-
-def load_checkpoint(folder: str, options: dict | None = None) -> dict | None:
-    """The checkpoint dict at ``folder``, or None if there is none yet."""
-    import torch
-
-    url = checkpoint_path(folder)
-    fs = storage.filesystem(url, options)
-    try:
-        raw = fs.cat_file(storage.split_url(url)[1])
-    except FileNotFoundError:
-        return None
-    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-
-
-def model_from_checkpoint(folder: str, options: dict | None = None):
-    """Rebuild the trained model on the CPU for inference (notebooks 04 and 05)."""
-    state = load_checkpoint(folder, options)
-    if state is None:
-        raise FileNotFoundError(
-            f"no checkpoint at {checkpoint_path(folder)}; train first "
-            "(notebook 04) or check checkpoint_url"
-        )
-    cfg = state["config"]
-    model = build_model(cfg["arch"], len(state["classes"]))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
+        checkpoint.save(cfg.checkpoint_url, options, state)
+    monitor.publish(cfg.topic, record)
+    log.info(monitor.epoch_line(record))
 
 
 def train_rank(cfg: TrainConfig, options: dict | None, *, rank, device) -> list[dict]:
-    """One DDP rank: what :func:`helpers.ddp.run` calls on every worker.
-
-    The process group is already up (``helpers.ddp``); this is the training story: the same
-    split on every rank, a DistributedSampler per epoch, the model wrapped in DDP, evaluation
-    reduced across ranks, rank 0 checkpointing. Returns one small record per epoch.
-    """
+    """One DDP rank, run by :func:`helpers.ddp.run` on every worker; returns epoch records."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils.data.distributed import DistributedSampler
 
-    # Per task: the thread count outlives the task on a Dask worker.
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // rank.local_world_size))
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
-    # 1. Data: one manifest, one split (identical everywhere), each rank a disjoint shard.
-    manifest = data.load_manifest(cfg.data_url, options)
-    split = data.split(manifest, cfg.val_fraction, cfg.seed)
-    train_ds = data.make_dataset(
-        manifest, split.train, options, cfg.image_size, train=True, cache_dir=cfg.cache_dir
-    )
-    val_ds = data.make_dataset(
-        manifest,
-        data.shard(split.val, rank.rank, rank.world_size),
-        options,
-        cfg.image_size,
-        train=False,
-        cache_dir=cfg.cache_dir,
-    )
-    sampler = DistributedSampler(
-        train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    cuda = device.type == "cuda"
-    train_loader = data.make_loader(
-        train_ds,
-        cfg.batch_size,
-        cfg.loader_workers,
-        sampler=sampler,
-        drop_last=True,
-        pin_memory=cuda,
-    )
-    val_loader = data.make_loader(val_ds, cfg.batch_size * 2, cfg.loader_workers, pin_memory=cuda)
+    # 1. The same split on every rank; a DistributedSampler deals each rank a disjoint share.
+    classes, train_loader, val_loader = make_loaders(cfg, options, rank, device)
 
-    # 2. Model from scratch, wrapped in DDP: gradients are averaged across ranks in backward.
-    model = build_model(cfg.arch, len(manifest.classes)).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    model = DDP(model, device_ids=[device.index] if cuda else None)
+    # 2. A model from scratch, wrapped in DDP: backward() averages the gradients of all ranks.
+    model = to_device(build_model(cfg.arch, len(classes)), device)
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # 3. SGD with the learning rate scaled to the global batch; warm-up, then cosine decay.
-    global_batch = cfg.batch_size * rank.world_size
+    # 3. The learning rate scales with the global batch: ranks x batch_size images per step.
+    lr = cfg.lr * cfg.batch_size * rank.world_size / 256
     optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr * global_batch / 256,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        nesterov=True,
+        model.parameters(), lr, cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
-    steps = len(train_loader) if not cfg.max_steps else min(cfg.max_steps, len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(cfg.warmup_epochs * steps), cfg.epochs * steps)
-    )
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(train_loader, cfg))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    _, fp16 = _autocast(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    scaler = grad_scaler(device, cfg.amp)  # fp16 only
 
     # 4. Resume: every rank loads the same checkpoint, so all continue in step.
-    start_epoch = 1
-    state = load_checkpoint(cfg.checkpoint_url, options) if cfg.resume else None
-    if state is not None:
-        check_resumable(state, cfg)
-        model.module.load_state_dict(state["model"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
-        if rank.rank == 0:
-            log.info(
-                "resumed from %s at epoch %d", checkpoint_path(cfg.checkpoint_url), state["epoch"]
-            )
+    first = 1
+    if cfg.resume:
+        first = checkpoint.resume(cfg, options, model.module, optimizer, scheduler, scaler)
 
     history = []
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
-        record = {
-            "kind": "epoch",
-            "epoch": epoch,
-            "rank": rank.rank,
-            "world_size": rank.world_size,
-            "device": str(device),
-        }
-        record |= train_one_epoch(
+    for epoch in range(first, (cfg.stop_after_epoch or cfg.epochs) + 1):
+        train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        train_loader.generator.manual_seed(augment_seed(cfg, epoch, rank))  # reproducible
+        record = train_one_epoch(
             model, train_loader, criterion, optimizer, scheduler, device, epoch, cfg, rank, scaler
         )
-        record |= evaluate(model, val_loader, criterion, device, cfg)
-        record["time"] = time.time()
-        # One number per epoch to show the ranks hold the same weights (DDP keeps them in step).
-        record["param_sum"] = float(sum(p.detach().double().sum() for p in model.parameters()))
-        if rank.rank == 0:
-            if cfg.checkpoint_url:
-                save_checkpoint(
-                    cfg.checkpoint_url,
-                    options,
-                    {
-                        "model": model.module.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "config": asdict(cfg),
-                        "classes": list(manifest.classes),
-                        "metrics": record,
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                    },
-                )
-            monitor.publish(cfg.topic, record)
-            log.info(monitor.epoch_line(record))
+        record |= evaluate(model, val_loader, criterion, device, cfg)  # summed over all ranks
+        record["param_sum"] = param_sum(model)  # the same on every rank: DDP keeps them in step
+        if rank.rank == 0:  # one writer
+            save_epoch(cfg, options, model.module, optimizer, scheduler, scaler, classes, record)
         history.append(record)
     return history

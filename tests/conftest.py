@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import prepare, storage
+from helpers import prepare, s3server
 
 TINY = {"n_breeds": 4, "per_breed": 10}
 
@@ -31,14 +31,14 @@ def _have_cuda() -> bool:
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real SeaweedFS server on loopback (moto where no SeaweedFS binary exists)."""
-    with storage.EmbeddedS3(tmp_path_factory.mktemp("s3")) as server:
+    with s3server.EmbeddedS3(tmp_path_factory.mktemp("s3")) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory):
     """moto's server mode: the fallback backend, kept under test so it does not rot."""
-    with storage.EmbeddedS3(tmp_path_factory.mktemp("moto"), backend="moto") as server:
+    with s3server.EmbeddedS3(tmp_path_factory.mktemp("moto"), backend="moto") as server:
         yield server
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 from PIL import Image
 
-from helpers import data, storage
+from helpers import data, measure, objects, s3server, storage, transforms
 
 
 def _jpeg(mode="RGB", fmt="JPEG", size=(64, 48), **kw) -> bytes:
@@ -24,7 +24,7 @@ def test_breed_and_class_folder():
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16"])
 def test_any_mode_decodes_to_rgb(mode):
     fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
-    img = data.decode_image(_jpeg(mode, fmt), f"x/{mode}.jpg")
+    img = transforms.decode_image(_jpeg(mode, fmt), f"x/{mode}.jpg")
     assert img.mode == "RGB" and img.size == (64, 48)
 
 
@@ -32,7 +32,7 @@ def test_palette_with_transparency_and_png_named_jpg():
     p = Image.new("P", (8, 8), 0)
     buf = io.BytesIO()
     p.save(buf, "PNG", transparency=0)
-    img = data.decode_image(buf.getvalue(), "Images/n1-a/n1_1.jpg")  # a PNG with a .jpg name
+    img = transforms.decode_image(buf.getvalue(), "Images/n1-a/n1_1.jpg")  # a PNG with a .jpg name
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
 
 
@@ -45,12 +45,12 @@ def test_palette_with_transparency_and_png_named_jpg():
     ],
 )
 def test_bad_bytes_name_the_key(blob, why):
-    with pytest.raises(data.BadImageError, match=f"Images/n1-a/bad.jpg: {why}"):
-        data.decode_image(blob, "Images/n1-a/bad.jpg")
+    with pytest.raises(transforms.BadImageError, match=f"Images/n1-a/bad.jpg: {why}"):
+        transforms.decode_image(blob, "Images/n1-a/bad.jpg")
 
 
 def test_draft_decodes_smaller_but_not_below_target():
-    img = data.decode_image(_jpeg(size=(480, 400)), "k", draft=100)
+    img = transforms.decode_image(_jpeg(size=(480, 400)), "k", draft=100)
     assert 100 <= min(img.size) < 400
 
 
@@ -100,7 +100,7 @@ def test_listing_matches_manifest_and_manifest_is_used(dogs):
 
 def test_lazy_dataset_fetches_a_batch_in_one_concurrent_call(dogs, monkeypatch):
     url, options, manifest = dogs
-    ds = data.make_dataset(manifest, manifest.keys, options, 32, train=True)
+    ds = objects.make_dataset(manifest, manifest.keys, options, 32, train=True)
     fs = storage.filesystem(url, options)
     calls = []
     real_cat = fs.cat
@@ -132,7 +132,7 @@ def with_bad(s3):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_objects_are_skipped_and_never_kill_an_epoch(with_bad, workers, caplog):
     url, options, manifest, keys = with_bad
-    ds = data.make_dataset(manifest, keys, options, 32, train=True)
+    ds = objects.make_dataset(manifest, keys, options, 32, train=True)
     loader = data.make_loader(ds, batch_size=8, num_workers=workers, shuffle=True)
     with caplog.at_level(logging.WARNING, logger="helpers.data"):
         seen = sum(len(b[1]) for b in loader if b is not None)
@@ -144,14 +144,14 @@ def test_bad_objects_are_skipped_and_never_kill_an_epoch(with_bad, workers, capl
 
 def test_bad_object_raises_when_asked(with_bad):
     url, options, manifest, keys = with_bad
-    ds = data.make_dataset(manifest, keys[-1:], options, 32, train=True, on_error="raise")
-    with pytest.raises(data.BadImageError, match="notes.jpg"):
+    ds = objects.make_dataset(manifest, keys[-1:], options, 32, train=True, on_error="raise")
+    with pytest.raises(transforms.BadImageError, match="notes.jpg"):
         ds[0]
 
 
 def test_missing_key_is_skipped_by_name(dogs, caplog):
     url, options, manifest = dogs
-    ds = data.make_dataset(manifest, ["Images/n02085620-Chihuahua/gone.jpg"], options, 32, True)
+    ds = objects.make_dataset(manifest, ["Images/n02085620-Chihuahua/gone.jpg"], options, 32, True)
     with caplog.at_level(logging.WARNING, logger="helpers.data"):
         assert ds.__getitems__([0]) == []
     assert "gone.jpg: listed but missing" in caplog.text
@@ -161,7 +161,7 @@ def test_dataset_pickles_without_a_filesystem(dogs):
     import pickle
 
     url, options, manifest = dogs
-    ds = data.make_dataset(manifest, manifest.keys, options, 32, train=False)
+    ds = objects.make_dataset(manifest, manifest.keys, options, 32, train=False)
     ds[0]  # creates this process's filesystem
     clone = pickle.loads(pickle.dumps(ds))
     assert len(pickle.dumps(ds)) < 20_000
@@ -170,9 +170,9 @@ def test_dataset_pickles_without_a_filesystem(dogs):
 
 def test_dead_endpoint_in_a_loader_raises_a_clear_error(dogs):
     url, options, manifest = dogs
-    (port,) = storage.free_ports(1)
+    (port,) = s3server.free_ports(1)
     dead = {**options, "endpoint_url": f"http://127.0.0.1:{port}"}
-    ds = data.make_dataset(manifest, manifest.keys, dead, 32, train=True)
+    ds = objects.make_dataset(manifest, manifest.keys, dead, 32, train=True)
     with pytest.raises(storage.StorageError, match=f"cannot reach.*127.0.0.1:{port}"):
         ds.__getitems__([0, 1])
 
@@ -184,6 +184,6 @@ def test_loader_with_worker_processes_inside_a_dask_worker(dogs):
     url, options, manifest = dogs
     with make_client("local", n_workers=1) as client:
         result = client.submit(
-            data.loader_throughput, manifest, manifest.keys, options, 32, 8, 2, pure=False
+            measure.loader_throughput, manifest, manifest.keys, options, 32, 8, 2, pure=False
         ).result(timeout=120)
     assert result["images"] == len(manifest.keys)

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from helpers import storage
+from helpers import s3server, storage
 
 
 @pytest.fixture(params=["seaweedfs", "moto"])
@@ -41,7 +41,7 @@ def test_bad_credentials_are_refused_quickly(s3, dogs):
 
 
 def test_endpoint_down_fails_within_seconds():
-    (port,) = storage.free_ports(1)
+    (port,) = s3server.free_ports(1)
     options = storage.storage_options(f"http://127.0.0.1:{port}", anon=True)
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match=f"cannot reach.*127.0.0.1:{port}"):
@@ -58,11 +58,11 @@ def test_endpoint_comes_from_environment(monkeypatch):
 
 def test_connect_rejects_unknown_endpoint_naming_allowed_values():
     with pytest.raises(ValueError, match="s3_endpoint='s3.amazonaws.com'.*'embedded'"):
-        storage.connect("s3.amazonaws.com")
+        s3server.connect("s3.amazonaws.com")
 
 
 def test_connect_reuses_the_running_server(s3):
-    options = storage.connect("embedded", s3.data_dir)
+    options = s3server.connect("embedded", s3.data_dir)
     assert options["endpoint_url"] == s3.endpoint_url
 
 
@@ -86,12 +86,12 @@ def test_filesystem_is_never_shared_across_a_fork(s3):
 
 
 def test_server_data_survives_a_restart(tmp_path):
-    with storage.EmbeddedS3(tmp_path) as first:
+    with s3server.EmbeddedS3(tmp_path) as first:
         fs = storage.filesystem("s3://keep", first.storage_options)
         fs.mkdir("keep")
         fs.pipe_file("keep/a.txt", b"kept")
-    assert storage.running_server(tmp_path) is None  # stopped, server.json removed
-    with storage.EmbeddedS3(tmp_path) as second:
+    assert s3server.running_server(tmp_path) is None  # stopped, server.json removed
+    with s3server.EmbeddedS3(tmp_path) as second:
         fs = storage.filesystem("s3://keep", second.storage_options)
         assert fs.cat_file("keep/a.txt") == b"kept"
 
@@ -109,11 +109,11 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
     import sys
 
     code = (
-        "import os; from helpers import storage; "
-        f"storage.connect('embedded', {str(tmp_path)!r}); os._exit(0)"  # no atexit, like a kernel
+        "import os; from helpers import s3server; "
+        f"s3server.connect('embedded', {str(tmp_path)!r}); os._exit(0)"  # no atexit, like a kernel
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    pid = json.loads((tmp_path / storage.SERVER_FILE).read_text())["pid"]
+    pid = json.loads((tmp_path / s3server.SERVER_FILE).read_text())["pid"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -123,4 +123,4 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
         time.sleep(0.2)
     else:
         pytest.fail(f"the embedded server (pid {pid}) outlived its owner")
-    assert storage.running_server(tmp_path) is None
+    assert s3server.running_server(tmp_path) is None

@@ -6,8 +6,10 @@ import sys
 import cloudpickle
 import pytest
 
-from helpers import data, ddp, monitor, train
+from helpers import checkpoint, data, ddp, monitor, train
 from helpers.cluster import make_client
+from helpers.config import TrainConfig
+from helpers.model import build_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.slow
@@ -33,22 +35,31 @@ def _config(dogs, **kw):
         warmup_epochs=0.5,
         threads=1,
     )
-    return train.TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def test_config_rejects_bad_values_by_name():
     with pytest.raises(ValueError, match="arch='vgg16'; allowed: 'resnet50', 'resnet18'"):
-        train.TrainConfig(arch="vgg16")
+        TrainConfig("s3://b/x", arch="vgg16")
     with pytest.raises(ValueError, match="resume=True needs checkpoint_url"):
-        train.TrainConfig(resume=True)
-    cfg = train.TrainConfig.from_params({"epochs": 2, "unrelated": 1})
-    assert cfg.epochs == 2
+        TrainConfig("s3://b/x", resume=True)
+    with pytest.raises(ValueError, match="val_fraction=1.5; allowed: strictly between 0 and 1"):
+        TrainConfig("s3://b/x", val_fraction=1.5)
+    with pytest.raises(ValueError, match="checkpoint_url='/tmp/c' must be shared storage"):
+        TrainConfig("s3://b/x", checkpoint_url="/tmp/c").check_placement("tcp://10.0.0.5:8786")
+    TrainConfig("s3://b/x", checkpoint_url="/tmp/c").check_placement("local")
+
+
+def test_every_job_publishes_on_its_own_topic():
+    a, b = TrainConfig("s3://b/x"), TrainConfig("s3://b/x")
+    assert a.topic != b.topic and a.topic.startswith("training-")
+    assert dataclasses.replace(a, epochs=2).topic == a.topic  # the same job keeps its topic
 
 
 def test_model_is_from_scratch_and_normalises_uint8():
     import torch
 
-    a, b = train.build_model("resnet18", 7), train.build_model("resnet18", 7)
+    a, b = build_model("resnet18", 7), build_model("resnet18", 7)
     assert not torch.equal(a.net.conv1.weight, b.net.conv1.weight)  # random init, no weights
     out = a.eval()(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert out.shape == (2, 7)
@@ -89,38 +100,38 @@ def test_two_ranks_learn_in_step_and_stream_metrics(client, dogs, tmp_path):
     assert {0, 1} <= set(steps["rank"]) and steps["img_per_s"].gt(0).all()
     assert len(watch.frame("epoch")) == 4
     watch.close()
-    model, state = train.model_from_checkpoint(cfg.checkpoint_url, options)
+    model, state = checkpoint.model_from(cfg.checkpoint_url, options)
     assert state["epoch"] == 4 and state["classes"] == list(manifest.classes)
 
 
-def test_resume_continues_from_the_checkpoint(client, dogs, tmp_path):
+def test_a_resumed_run_logs_what_a_straight_run_logs(client, dogs, tmp_path):
     _, options, _ = dogs
-    straight = ddp.run(client, train.train_rank, _config(dogs, epochs=2), options)[0]
+    keys = ("train_loss", "train_acc", "val_loss", "val_top1", "param_sum")
+    straight = ddp.run(client, train.train_rank, _config(dogs, epochs=3), options)[0]
     ckpt = str(tmp_path / "resume")
-    first = ddp.run(
-        client, train.train_rank, _config(dogs, epochs=1, checkpoint_url=ckpt), options
-    )[0]
-    resumed = ddp.run(
-        client, train.train_rank, _config(dogs, epochs=2, checkpoint_url=ckpt, resume=True), options
-    )[0]
-    assert [e["epoch"] for e in first] == [1] and [e["epoch"] for e in resumed] == [2]
-    assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], abs=0.5)
-    assert train.load_checkpoint(ckpt, options)["epoch"] == 2
+    first = _config(dogs, epochs=3, checkpoint_url=ckpt, stop_after_epoch=1)  # "interrupted"
+    assert [e["epoch"] for e in ddp.run(client, train.train_rank, first, options)[0]] == [1]
+    then = dataclasses.replace(first, stop_after_epoch=0, resume=True)
+    resumed = ddp.run(client, train.train_rank, then, options)[0]
+    assert [e["epoch"] for e in resumed] == [2, 3]
+    for late, same in zip(straight[1:], resumed, strict=True):  # same seed: same numbers
+        assert [same[k] for k in keys] == pytest.approx([late[k] for k in keys], rel=1e-4)
+    assert checkpoint.load(ckpt, options)["epoch"] == 3
 
 
 def test_missing_checkpoint_names_the_url(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
-        train.model_from_checkpoint(str(tmp_path / "none"))
+        checkpoint.model_from(str(tmp_path / "none"))
 
 
 def test_resume_refuses_another_runs_checkpoint(dogs, tmp_path):
     cfg = _config(dogs, epochs=3, checkpoint_url=str(tmp_path), resume=True)
     state = {"epoch": 1, "config": dataclasses.asdict(dataclasses.replace(cfg, seed=7))}
     with pytest.raises(ValueError, match="cannot resume from .*seed: 7 -> 0"):
-        train.check_resumable(state, cfg)
+        checkpoint.check_resumable(state, cfg)
     state = {"epoch": 3, "config": dataclasses.asdict(cfg)}
     with pytest.raises(ValueError, match="already at epoch 3; resume needs epochs > 3"):
-        train.check_resumable(state, cfg)
+        checkpoint.check_resumable(state, cfg)
 
 
 def _uneven_batches(*, rank, device):
@@ -129,12 +140,12 @@ def _uneven_batches(*, rank, device):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    model = DDP(train.build_model("resnet18", 3))
+    model = DDP(build_model("resnet18", 3))
     batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
     loader = [batch, None if rank.rank == 1 else batch, batch]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = train.TrainConfig(image_size=32, log_every=1, topic="uneven")
+    cfg = TrainConfig("unused", image_size=32, log_every=1, topic="uneven")
     out = train.train_one_epoch(
         model, loader, torch.nn.CrossEntropyLoss(), opt, sched, device, 1, cfg, rank
     )

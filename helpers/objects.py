@@ -1,0 +1,162 @@
+"""The per-object dataset: one S3 object per image, fetched and decoded only when indexed.
+
+The teaching path of notebook 02 and the source of truth the shards are built from. A batch's
+objects are fetched concurrently (one round trip of latency per batch, not per image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from helpers import storage
+from helpers.data import Manifest, class_folder
+from helpers.transforms import (
+    BadImageError,
+    Compose,
+    ShufflePixels,
+    decode_image,
+    eval_transform,
+    train_transform,
+)
+
+log = logging.getLogger(__name__)
+
+
+class S3ImageDataset:
+    """Map-style dataset over image objects, fetched and decoded only when indexed.
+
+    Picklable and fork-safe: it holds a URL, keys and options, never a filesystem; each process
+    makes its own on first use. The DataLoader calls ``__getitems__`` with a whole batch of
+    indices, whose objects are fetched concurrently (one round trip of latency per batch, not per
+    image). Bad objects are skipped with a warning naming the key (``on_error="skip"``) or raise
+    (``on_error="raise"``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        keys,
+        classes,
+        options: dict | None = None,
+        transform=None,
+        on_error: str = "skip",
+        draft: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error={on_error!r}; allowed: 'skip', 'raise'")
+        self.url, self.keys, self.options = url, list(keys), dict(options or {})
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.transform, self.on_error, self.draft = transform, on_error, draft
+        self.root = storage.split_url(url)[1]
+        self.cache_dir = cache_dir
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def label(self, i: int) -> int:
+        """The class index of item ``i`` (-1 when the dataset was built without classes)."""
+        return self.class_to_idx.get(class_folder(self.keys[i]), -1)
+
+    def __getitem__(self, i: int):
+        items = self.__getitems__([i])  # raises for a bad image when on_error="raise"
+        return items[0] if items else None
+
+    def __getitems__(self, indices: list[int]) -> list:
+        return [(x, y) for _, x, y in self.samples(indices)]
+
+    def samples(self, indices: list[int]) -> list[tuple]:
+        """``(index, image, label)`` for each readable index: the batch fetched concurrently."""
+        paths = [f"{self.root}/{self.keys[i]}" for i in indices]
+        blobs = self._fetch(paths)
+        out = []
+        for i, path in zip(indices, paths, strict=True):
+            sample = self._sample(i, blobs.get(path))
+            if sample is not None:
+                out.append((i, *sample))
+        return out
+
+    def _fetch(self, paths: list[str]) -> dict:
+        """Bytes (or the exception) per path: local cache first, then one concurrent S3 round."""
+        cached = {p: self._cache_read(p) for p in paths} if self.cache_dir else {}
+        missing = [p for p in paths if cached.get(p) is None]
+        if missing:
+            fs = storage.filesystem(self.url, self.options)
+            try:
+                fetched = fs.cat(missing, on_error="return")  # concurrent GETs, no HEAD first
+            except Exception as err:  # noqa: BLE001
+                raise storage.StorageError(storage.explain(err, self.url, self.options)) from err
+            if self.cache_dir:
+                for p, blob in fetched.items():
+                    if isinstance(blob, bytes):
+                        self._cache_write(p, blob)
+            cached.update(fetched)
+        return cached
+
+    def _cache_file(self, path: str) -> str:
+        import os
+
+        name = hashlib.sha1(f"{self.url}|{path}".encode()).hexdigest()
+        return os.path.join(self.cache_dir, name[:2], name)
+
+    def _cache_read(self, path: str) -> bytes | None:
+        try:
+            with open(self._cache_file(path), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _cache_write(self, path: str, blob: bytes) -> None:
+        """Atomic (write then rename): loader processes on one host share the folder safely."""
+        import os
+        import tempfile
+
+        target = self._cache_file(path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target))
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, target)
+
+    def _sample(self, i: int, blob):
+        key = self.keys[i]
+        try:
+            if isinstance(blob, FileNotFoundError):
+                raise BadImageError(f"{key}: listed but missing from {self.url}")
+            if isinstance(blob, Exception):
+                raise storage.StorageError(storage.explain(blob, self.url, self.options))
+            img = decode_image(blob, key, self.draft)
+        except BadImageError as err:
+            if self.on_error == "raise":
+                raise
+            log.warning("skipping %s", err)
+            return None
+        x = self.transform(img) if self.transform else img
+        return x, self.label(i)
+
+
+def make_dataset(
+    manifest: Manifest,
+    keys,
+    options: dict | None,
+    image_size: int,
+    train: bool,
+    on_error: str = "skip",
+    cache_dir: str | None = None,
+    shuffle_pixels: bool = False,
+) -> S3ImageDataset:
+    """A dataset over ``keys`` of ``manifest`` with the training or evaluation transforms.
+
+    ``cache_dir``: a local folder that keeps fetched objects (compressed, as stored), so epochs
+    after the first read local disk instead of S3; shared by every process on the host.
+    ``shuffle_pixels``: the control experiment, every image's pixels in a random order.
+    """
+    tf = train_transform(image_size) if train else eval_transform(image_size)
+    if shuffle_pixels:
+        tf = Compose([tf, ShufflePixels()])
+    return S3ImageDataset(
+        manifest.url, keys, manifest.classes, options, tf, on_error,
+        draft=image_size, cache_dir=cache_dir or None,
+    )  # fmt: skip

@@ -1,0 +1,100 @@
+"""Image decoding and the training / evaluation transforms (CPU, PIL), ending in uint8 tensors.
+
+Normalisation happens on the device, inside the model (``helpers.model.build_model``): the loaders
+ship a quarter of the bytes of float32 and the CPU skips two passes over every image.
+"""
+
+from __future__ import annotations
+
+import io
+
+
+class BadImageError(ValueError):
+    """An object that is not a decodable image; the message names its key."""
+
+
+def decode_image(data: bytes, key: str, draft: int | None = None):
+    """Bytes -> RGB PIL image, whatever the mode (L, CMYK, RGBA, P) or the name's suffix.
+
+    ``draft`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (the DCT does it for
+    free) as long as both sides stay >= ``draft``: a 500 px photo trained at 128 px decodes at
+    half scale, a quarter of the pixels. Raises :class:`BadImageError` naming ``key`` for
+    anything that is not an image.
+    """
+    from PIL import Image
+
+    if not data:
+        raise BadImageError(f"{key}: empty object (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))
+        img.load()  # decode now: a truncated file fails here, not inside a transform
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadImageError(f"{key}: not a readable image ({type(err).__name__}: {err})") from err
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def train_transform(image_size: int):
+    """Standard training augmentation (torchvision's classification recipe), ending in uint8.
+
+    Normalisation happens on the device, inside the model (``helpers.train``): the loader ships
+    a quarter of the bytes of float32 and the CPU skips two passes over every image.
+    """
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+    )
+
+
+def eval_transform(image_size: int):
+    """Resize the short side to 8/7 of ``image_size`` and take the centre crop, uint8."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(round(image_size * 8 / 7), antialias=True),
+            T.CenterCrop(image_size),
+            T.PILToTensor(),
+        ]
+    )
+
+
+class ShufflePixels:
+    """Put a uint8 CHW tensor's pixels in a random order: the same colour histogram, no shape.
+
+    The control experiment: a network that learns from these learned colour counts, not
+    spatial structure. Uses torch's global generator (seeded per loader worker).
+    """
+
+    def __call__(self, x):
+        import torch
+
+        c, h, w = x.shape
+        order = torch.randperm(h * w)
+        return x.reshape(c, h * w)[:, order].reshape(c, h, w)
+
+
+class Compose:
+    """Apply transforms in order (a picklable chain for the dataset's worker processes)."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x

@@ -11,10 +11,18 @@ import io
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from helpers import storage
 from helpers.model import build_model
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from helpers.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,16 @@ def save(folder: str, options: dict | None, state: dict) -> None:
         raise storage.StorageError(storage.explain(err, url, options)) from err
 
 
-def state_of(cfg, model, optimizer, scheduler, epoch: int, classes, metrics, scaler=None) -> dict:
+def state_of(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    epoch: int,
+    classes: Sequence[str],
+    metrics: dict,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
     """What :func:`save` writes at the end of an epoch (``model`` is the bare module)."""
     return {
         "model": model.state_dict(),
@@ -86,7 +103,7 @@ def load(folder: str, options: dict | None = None) -> dict | None:
         ) from err
 
 
-def check_resumable(state: dict, cfg) -> None:
+def check_resumable(state: dict, cfg: TrainConfig) -> None:
     """Refuse to resume from a checkpoint of another run (or one already past ``epochs``)."""
     where = path(cfg.checkpoint_url)
     changed = [
@@ -106,7 +123,14 @@ def check_resumable(state: dict, cfg) -> None:
         )
 
 
-def resume(cfg, options: dict | None, model, optimizer, scheduler, scaler=None) -> int:
+def resume(
+    cfg: TrainConfig,
+    options: dict | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
     """Load the run's checkpoint into the given objects; returns the epoch to start from."""
     state = load(cfg.checkpoint_url, options)
     if state is None:
@@ -121,7 +145,7 @@ def resume(cfg, options: dict | None, model, optimizer, scheduler, scaler=None) 
     return state["epoch"] + 1
 
 
-def model_from(folder: str, options: dict | None = None):
+def model_from(folder: str, options: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """``(model, state)``: the trained model rebuilt on the CPU, in eval mode."""
     where = path(folder)
     state = load(folder, options)
@@ -146,7 +170,9 @@ def model_from(folder: str, options: dict | None = None):
     return model.eval(), state
 
 
-def cached_model(folder: str, options: dict | None = None):
+def cached_model(
+    folder: str, options: dict | None = None
+) -> tuple[torch.nn.Module, dict, torch.device]:
     """``(model, state, device)``, built once per process and checkpoint version and kept.
 
     The cache holds the last :data:`CACHE_SIZE` checkpoints: a retrained checkpoint (new ETag or

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from distributed import Client
 
@@ -65,7 +66,7 @@ def check_cluster(cluster: str) -> str:
 
 def make_client(
     cluster: str = "local", n_workers: int | None = None, tls: bool = False, timeout: str = "20s"
-):
+) -> Client:
     """A :class:`distributed.Client` for ``cluster`` (see the module docstring).
 
     ``n_workers`` applies to local clusters (default: one per core, or one per GPU); ``tls``
@@ -107,7 +108,7 @@ class OwningClient(Client):
     for a cluster it started itself: a notebook's last ``client.close()`` frees the workers. A
     remote cluster's client (a plain ``Client``) closes only itself."""
 
-    def close(self, *args, **kwargs):
+    def close(self, *args, **kwargs) -> Any:
         result = super().close(*args, **kwargs)
         if self.cluster is not None:
             self.cluster.close()
@@ -141,7 +142,7 @@ def _temporary_security():
     return Security.temporary()
 
 
-def describe(client) -> str:
+def describe(client: Client) -> str:
     """One line: how many workers, threads, GPUs, and where the dashboard is."""
     info = client.scheduler_info(n_workers=-1)
     workers = info["workers"].values()
@@ -167,7 +168,7 @@ def worker_facts() -> dict:
 _WARNED: set[str] = set()  # workers already warned about malloc trimming, in this process
 
 
-def check_workers(client) -> None:
+def check_workers(client: Client) -> None:
     """Fail within seconds, naming the setting, if a worker cannot run a training rank.
 
     A daemonic worker cannot start DataLoader processes (the rank would fail at its first batch

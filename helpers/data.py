@@ -18,9 +18,15 @@ import io
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from helpers import storage
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
+    from torch.utils.data import DataLoader, Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ def list_images(url: str, options: dict | None = None) -> Manifest:
     return make_manifest(url, keys, _official_split(url, options))
 
 
-def make_manifest(url: str, keys, official: dict) -> Manifest:
+def make_manifest(url: str, keys: Sequence[str], official: dict) -> Manifest:
     """A manifest for ``keys`` (relative to ``url``); classes are derived from the folders."""
     classes = tuple(sorted({class_folder(k) for k in keys}))
     return Manifest(url, tuple(keys), classes, {k: tuple(v) for k, v in official.items()})
@@ -173,12 +179,12 @@ def chance(split: Split) -> dict:
     }
 
 
-def shard(keys, rank: int, world_size: int) -> tuple[str, ...]:
+def shard(keys: Sequence[str], rank: int, world_size: int) -> tuple[str, ...]:
     """Rank ``rank``'s share of ``keys``: disjoint across ranks, together all of them."""
     return tuple(keys[rank::world_size])
 
 
-def collate(batch: list):
+def collate(batch: list) -> tuple | None:
     """``default_collate`` without the skipped samples; ``None`` when the whole batch was bad."""
     from torch.utils.data import default_collate
 
@@ -187,16 +193,16 @@ def collate(batch: list):
 
 
 def make_loader(
-    dataset,
+    dataset: Dataset,
     batch_size: int,
     num_workers: int = 2,
     shuffle: bool = False,
-    sampler=None,
+    sampler: Sampler | None = None,
     drop_last: bool = False,
     pin_memory: bool = False,
-    generator=None,
+    generator: torch.Generator | None = None,
     persistent: bool = True,
-):
+) -> DataLoader:
     """A DataLoader with worker processes that prefetch whole batches; see :func:`collate`.
 
     ``generator`` seeds the worker processes (their augmentations) each time an epoch starts;

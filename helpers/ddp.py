@@ -19,11 +19,19 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from helpers.cluster import check_workers
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from concurrent.futures import Future
+
+    import torch
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def device_for(rank: Rank):
+def device_for(rank: Rank) -> torch.device:
     """One GPU per rank (dask-cuda puts the worker's own GPU first), else the CPU."""
     import torch
 
@@ -163,7 +171,12 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
 
 
 def run(
-    client, fn, *args, timeout_s: float = 300.0, lock_timeout_s: float | None = 600.0, **kwargs
+    client: Client,
+    fn: Callable,
+    *args,
+    timeout_s: float = 300.0,
+    lock_timeout_s: float | None = 600.0,
+    **kwargs,
 ) -> list:
     """Run ``fn(*args, rank=Rank, device=torch.device, **kwargs)`` as one DDP rank per worker.
 
@@ -188,7 +201,7 @@ def run(
         lock.release()
 
 
-def start(client, fn, *args, timeout_s: float = 300.0, **kwargs):
+def start(client: Client, fn: Callable, *args, timeout_s: float = 300.0, **kwargs) -> Future:
     """:func:`run` in a background thread: returns a ``concurrent.futures.Future``.
 
     The notebook keeps drawing live plots while the job runs; ``.result()`` gives what

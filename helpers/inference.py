@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from helpers import checkpoint, data, objects, transforms
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,12 @@ def builds() -> int:
 
 
 def predict(
-    checkpoint_url: str, options: dict | None, data_url: str, keys, threads: int = 0, top: int = 5
+    checkpoint_url: str,
+    options: dict | None,
+    data_url: str,
+    keys: Sequence[str],
+    threads: int = 0,
+    top: int = 5,
 ) -> list[dict]:
     """Predict a batch of ``keys`` under ``data_url``: one row per readable image."""
     import torch
@@ -60,13 +70,18 @@ def predict(
     return rows
 
 
-def batches(keys, size: int) -> list[list[str]]:
+def batches(keys: Sequence[str], size: int) -> list[list[str]]:
     keys = list(keys)
     return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
 def predict_on_cluster(
-    client, checkpoint_url: str, options: dict | None, data_url: str, keys, batch_size: int = 64
+    client: Client,
+    checkpoint_url: str,
+    options: dict | None,
+    data_url: str,
+    keys: Sequence[str],
+    batch_size: int = 64,
 ) -> list[dict]:
     """One task per batch of keys, spread over the workers; rows in the order of ``keys``."""
     futures = [
@@ -80,7 +95,7 @@ def predict_locally(
     checkpoint_url: str,
     options: dict | None,
     data_url: str,
-    keys,
+    keys: Sequence[str],
     batch_size: int = 64,
     threads: int = 0,
 ) -> list[dict]:
@@ -95,7 +110,7 @@ def predict_locally(
     ]
 
 
-def warm(checkpoint_url: str, options: dict | None, data_url: str, keys) -> str:
+def warm(checkpoint_url: str, options: dict | None, data_url: str, keys: Sequence[str]) -> str:
     """Get this process ready (``client.run`` it on every worker): load the model and predict
     ``keys`` once, so first-call costs (imports, connections, kernel plans) are paid before
     timing. Returns the device."""

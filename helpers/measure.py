@@ -4,14 +4,19 @@ that Dask tasks return)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from helpers import data, objects
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import pandas as pd
 
 STATS_DTYPES = {"key": str, "breed": str, "width": "int64", "height": "int64",
                 "red": "float32", "green": "float32", "blue": "float32"}  # fmt: skip
 
 
-def image_stats(url: str, keys, options: dict | None = None):
+def image_stats(url: str, keys: Sequence[str], options: dict | None = None) -> pd.DataFrame:
     """Size and mean colour of some images: a small pandas DataFrame, one row per readable image.
 
     Small and picklable, for a Dask task (``dd.from_delayed``); empty ``keys`` give the empty
@@ -29,7 +34,7 @@ def image_stats(url: str, keys, options: dict | None = None):
     return pd.DataFrame(rows, columns=list(STATS_DTYPES)).astype(STATS_DTYPES)
 
 
-def time_loader(loader, max_batches: int | None = None) -> dict:
+def time_loader(loader: Iterable, max_batches: int | None = None) -> dict:
     """Iterate a loader and measure it: images, seconds, img/s (first batch included)."""
     n, start = 0, time.perf_counter()
     for i, batch in enumerate(loader):
@@ -43,7 +48,7 @@ def time_loader(loader, max_batches: int | None = None) -> dict:
 
 def loader_throughput(
     manifest: data.Manifest,
-    keys,
+    keys: Sequence[str],
     options: dict | None,
     image_size: int,
     batch_size: int,

@@ -6,11 +6,17 @@ keeps the statistics with the checkpoint.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
+
+
 ARCHS = ("resnet50", "resnet18")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, applied on the device
 
 
-def build_model(arch: str, num_classes: int):
+def build_model(arch: str, num_classes: int) -> torch.nn.Module:
     """torchvision's ``arch`` with random weights, taking uint8 images (N, 3, H, W)."""
     import torch
     import torchvision
@@ -36,6 +42,6 @@ def build_model(arch: str, num_classes: int):
     return Normalized(net)
 
 
-def param_sum(model) -> float:
+def param_sum(model: torch.nn.Module) -> float:
     """One number per model: equal on every rank when DDP keeps the replicas in step."""
     return float(sum(p.detach().double().sum() for p in model.parameters()))

@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from concurrent.futures import Future
+
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ class Monitor:
         with self._lock:
             self.records.append(dict(record))
 
-    def frame(self, kind: str | None = None):
+    def frame(self, kind: str | None = None) -> pd.DataFrame:
         """The records so far as a DataFrame (``kind``: "step" or "epoch")."""
         import pandas as pd
 
@@ -110,7 +117,9 @@ class Monitor:
         for worker, stats in self.client.run(gpu_stats).items():
             self.gpu += [{"worker": worker, **s} for s in stats]
 
-    def follow(self, job, refresh_s: float = 2.0, gpus: bool = False, draw=None):
+    def follow(
+        self, job: Future, refresh_s: float = 2.0, gpus: bool = False, draw: Callable | None = None
+    ) -> Any:
         """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done.
 
         ``job`` is a ``concurrent.futures.Future`` (:func:`helpers.ddp.start`); returns its

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 
 from helpers import storage
 from helpers.data import Manifest, class_folder
@@ -139,7 +140,7 @@ class S3ImageDataset:
 
 def make_dataset(
     manifest: Manifest,
-    keys,
+    keys: Sequence[str],
     options: dict | None,
     image_size: int,
     train: bool,

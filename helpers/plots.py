@@ -7,11 +7,21 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import numpy as np
+    import pandas as pd
+    import torch
+    from matplotlib.axes import Axes
+
+    from helpers.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
 
-def task_graph(obj, **kwargs):
+def task_graph(obj: Any, **kwargs) -> Any:
     """``obj.visualize()`` where Graphviz's ``dot`` is installed, else a one-line description."""
     if shutil.which("dot"):
         return obj.visualize(**{"filename": None, **kwargs})  # draw inline, write no file
@@ -20,12 +30,19 @@ def task_graph(obj, **kwargs):
     return f"<task graph of {len(graph)} tasks; install Graphviz to draw it>"
 
 
-def to_image(tensor):
+def to_image(tensor: torch.Tensor) -> np.ndarray:
     """A uint8 CHW tensor (what the loaders yield) -> HWC array for imshow."""
     return tensor.detach().cpu().permute(1, 2, 0).numpy()
 
 
-def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0, axes=None):
+def image_grid(
+    images: Sequence,
+    titles: Sequence[str],
+    colors: Sequence[str] | None = None,
+    ncols: int = 6,
+    size: float = 2.0,
+    axes: Any = None,
+) -> np.ndarray:
     """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``; returns the Axes."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -47,7 +64,12 @@ def image_grid(images, titles, colors=None, ncols: int = 6, size: float = 2.0, a
     return axes
 
 
-def training_curves(steps, epochs, axes=None, figsize=(13, 3.4)):
+def training_curves(
+    steps: pd.DataFrame,
+    epochs: pd.DataFrame,
+    axes: Any = None,
+    figsize: tuple[float, float] = (13, 3.4),
+) -> Any:
     """Loss, accuracy and img/s from a Monitor's step and epoch frames; returns the 3 Axes."""
     import matplotlib.pyplot as plt
 
@@ -75,14 +97,21 @@ def training_curves(steps, epochs, axes=None, figsize=(13, 3.4)):
     return axes
 
 
-def live_training(monitor, axes=None):
+def live_training(monitor: Monitor, axes: Any = None) -> Any:
     """What :meth:`helpers.monitor.Monitor.follow` redraws: curves + the latest line (Axes)."""
     axes = training_curves(monitor.frame("step"), monitor.frame("epoch"), axes)
     axes[0].figure.suptitle(monitor.latest_line(), fontsize=9, family="monospace", y=1.02)
     return axes
 
 
-def predictions(images, true, pred, classes, ncols: int = 6, axes=None):
+def predictions(
+    images: Sequence,
+    true: Sequence,
+    pred: Sequence,
+    classes: Sequence[str],
+    ncols: int = 6,
+    axes: Any = None,
+) -> np.ndarray:
     """Validation images titled ``predicted / true`` breed: green when right, red when wrong."""
     from helpers.data import breed
 
@@ -92,7 +121,9 @@ def predictions(images, true, pred, classes, ncols: int = 6, axes=None):
     return image_grid(images, titles, colors, ncols=ncols, axes=axes)
 
 
-def confusion_matrix(true, predicted, labels, ax=None):
+def confusion_matrix(
+    true: Sequence, predicted: Sequence, labels: Sequence, ax: Axes | None = None
+) -> Axes:
     """Counts of (true, predicted) breeds as an image; returns the Axes."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -122,7 +153,12 @@ def confusion_matrix(true, predicted, labels, ax=None):
     return ax
 
 
-def scaling(workers, measured, ideal, ax=None):
+def scaling(
+    workers: Sequence[int],
+    measured: Sequence[float],
+    ideal: Sequence[float],
+    ax: Axes | None = None,
+) -> Axes:
     """Measured throughput against the ideal linear line; returns the Axes."""
     import matplotlib.pyplot as plt
 

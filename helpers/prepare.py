@@ -21,8 +21,12 @@ import logging
 import math
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers import data, s3server, storage
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ def _draw(draw, shape: str, cx, cy, r, angle, color) -> None:
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=color)
 
 
-def synthetic_image(label: int, n_classes: int, rng) -> bytes:
+def synthetic_image(label: int, n_classes: int, rng: np.random.Generator) -> bytes:
     """One JPEG of class ``label``: its shape and hue on a noisy background, plus distractors."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter

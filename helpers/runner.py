@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def execute(
 
 
 @contextmanager
-def embedded_s3(s3_dir: Path):
+def embedded_s3(s3_dir: Path) -> Iterator[None]:
     """Reuse the server already serving ``s3_dir``, or run one for the duration."""
     server = None
     if s3server.running_server(s3_dir) is None:

@@ -35,7 +35,9 @@ DUMMY_CREDENTIALS = {"key": "embedded", "secret": "embedded-s3-loopback-only"}
 SERVER_FILE = "server.json"
 
 
-def wait_until_up(endpoint_url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
+def wait_until_up(
+    endpoint_url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None
+) -> None:
     """Poll the S3 endpoint until it answers HTTP (any status) or fail naming it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

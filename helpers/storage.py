@@ -12,7 +12,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from fsspec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def _have_credentials() -> bool:
     )
 
 
-def filesystem(url: str, options: dict | None = None):
+def filesystem(url: str, options: dict | None = None) -> AbstractFileSystem:
     """The filesystem for ``url``, created lazily once per process.
 
     Never share one across a fork: its connection pool and event loop belong to the parent. The

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers import runner, storage
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def run(workers: list[int], out_dir: Path, params: dict, s3_dir: Path) -> list[P
     return done
 
 
-def results(out_dir: str | Path):
+def results(out_dir: str | Path) -> pd.DataFrame:
     """One row per run: workers, measured img/s (last epoch, all ranks), its notebook."""
     import pandas as pd
 

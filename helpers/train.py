@@ -11,16 +11,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from helpers import checkpoint, data, monitor, objects
 from helpers.config import TrainConfig
+from helpers.meter import StepMeter, placeholder_batch
 from helpers.model import build_model, param_sum
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from helpers.ddp import Rank
 
 log = logging.getLogger(__name__)
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero: a multiplier of the base learning rate."""
 
     def f(step: int) -> float:
@@ -32,7 +40,7 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
-def autocast(device, amp: str):
+def autocast(device: torch.device, amp: str) -> torch.autocast:
     """The autocast context for ``amp`` ("auto": bf16 on CUDA, off on CPU)."""
     import torch
 
@@ -42,14 +50,14 @@ def autocast(device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
 
 
-def grad_scaler(device, amp: str):
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (bf16 and fp32 need none), else None."""
     import torch
 
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
-def make_loaders(cfg: TrainConfig, options: dict | None, rank, device) -> tuple:
+def make_loaders(cfg: TrainConfig, options: dict | None, rank: Rank, device: torch.device) -> tuple:
     """``(classes, train_loader, val_loader)``: the same split on every rank, disjoint shares.
 
     Training batches come through a ``DistributedSampler``; each rank validates its own slice of
@@ -78,12 +86,12 @@ def make_loaders(cfg: TrainConfig, options: dict | None, rank, device) -> tuple:
     return manifest.classes, train_loader, val_loader
 
 
-def augment_seed(cfg: TrainConfig, epoch: int, rank) -> int:
+def augment_seed(cfg: TrainConfig, epoch: int, rank: Rank) -> int:
     """The loader processes' seed for an epoch: a resumed run augments as a straight run did."""
     return cfg.seed * 1_000_003 + epoch * 1_009 + rank.rank
 
 
-def to_device(model, device):
+def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model on ``device``; channels_last on CUDA (faster convolutions with tensor cores)."""
     import torch
 
@@ -91,7 +99,7 @@ def to_device(model, device):
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
     """Per-step schedule: ``warmup_epochs`` of linear warm-up, then cosine decay to zero."""
     import torch
 
@@ -99,85 +107,21 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def steps_per_epoch(loader, cfg: TrainConfig) -> int:
+def steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
     return min(cfg.max_steps, len(loader)) if cfg.max_steps else len(loader)
 
 
-def placeholder_batch(size: int) -> tuple:
-    """Two black images: the zero-weight step a rank takes when all of its batch was unreadable.
-
-    Every rank must run the same steps, or DDP's gradient all-reduce falls out of step.
-    """
-    import torch
-
-    return torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
-
-
-class StepMeter:
-    """Running loss and accuracy on the device, throughput and data wait per ``log_every`` window.
-
-    The sums stay on the device: ``.item()`` syncs once per window, never per step.
-    """
-
-    def __init__(self, device, epoch: int, steps: int, cfg: TrainConfig, rank):
-        import torch
-
-        self.epoch, self.steps, self.cfg, self.rank = epoch, steps, cfg, rank
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
-        self.seen = self.window_seen = 0
-        self.wait = self.window_wait = 0.0
-        self.start = self.window_start = self.tick = time.perf_counter()
-
-    def waited(self) -> None:
-        """Call when a batch is on the device: the time since the last step was data wait."""
-        self.window_wait += time.perf_counter() - self.tick
-
-    def add(self, step: int, loss, logits, labels, lr: float) -> None:
-        """Count one optimizer step; publish a record at the end of each window."""
-        self.loss += loss.detach() * len(labels)
-        self.correct += (logits.argmax(1) == labels).sum()
-        self.window_seen += len(labels)
-        if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.steps:
-            self._publish(step, lr)
-        self.tick = time.perf_counter()
-
-    def _publish(self, step: int, lr: float) -> None:
-        self.seen, self.wait = self.seen + self.window_seen, self.wait + self.window_wait
-        now = time.perf_counter()
-        record = {
-            "kind": "step", "rank": self.rank.rank, "epoch": self.epoch, "step": step + 1,
-            "steps": self.steps, "loss": self.loss.item() / max(self.seen, 1),
-            "acc": self.correct.item() / max(self.seen, 1), "lr": lr,
-            "img_per_s": self.window_seen * self.rank.world_size / (now - self.window_start),
-            "data_wait": self.window_wait / (now - self.window_start), "time": time.time(),
-        }  # fmt: skip
-        monitor.publish(self.cfg.topic, record)
-        if self.rank.rank == 0:
-            log.info(monitor.progress_line(record, elapsed=now - self.start))
-        self.window_seen, self.window_wait, self.window_start = 0, 0.0, now
-
-    def summary(self, device) -> dict:
-        """The epoch's record so far: who, where, and the training numbers."""
-        elapsed = time.perf_counter() - self.start
-        return {
-            "kind": "epoch",
-            "epoch": self.epoch,
-            "rank": self.rank.rank,
-            "world_size": self.rank.world_size,
-            "device": str(device),
-            "time": time.time(),
-            "train_loss": self.loss.item() / max(self.seen, 1),
-            "train_acc": self.correct.item() / max(self.seen, 1),
-            "train_images": self.seen,
-            "train_img_per_s": self.seen * self.rank.world_size / elapsed,
-            "data_wait": self.wait / elapsed,
-            "epoch_s": elapsed,
-        }
-
-
 def train_one_epoch(
-    model, loader, criterion, optimizer, scheduler, device, epoch, cfg, rank, scaler=None
+    model: torch.nn.Module,
+    loader: Iterable,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    device: torch.device,
+    epoch: int,
+    cfg: TrainConfig,
+    rank: Rank,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
     """One pass over this rank's share; publishes a record every ``log_every`` steps."""
     import torch
@@ -210,7 +154,13 @@ def train_one_epoch(
     return meter.summary(device)
 
 
-def evaluate(model, loader, criterion, device, cfg) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    criterion: torch.nn.Module,
+    device: torch.device,
+    cfg: TrainConfig,
+) -> dict:
     """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks."""
     import torch
     import torch.distributed as dist
@@ -240,7 +190,16 @@ def evaluate(model, loader, criterion, device, cfg) -> dict:
     }
 
 
-def save_epoch(cfg: TrainConfig, options, model, optimizer, scheduler, scaler, classes, record):
+def save_epoch(
+    cfg: TrainConfig,
+    options: dict | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    classes: Sequence[str],
+    record: dict,
+) -> None:
     """Rank 0's end of an epoch: the checkpoint (when asked for) and the epoch's record."""
     if cfg.checkpoint_url:
         state = checkpoint.state_of(
@@ -251,7 +210,9 @@ def save_epoch(cfg: TrainConfig, options, model, optimizer, scheduler, scaler, c
     log.info(monitor.epoch_line(record))
 
 
-def train_rank(cfg: TrainConfig, options: dict | None, *, rank, device) -> list[dict]:
+def train_rank(
+    cfg: TrainConfig, options: dict | None, *, rank: Rank, device: torch.device
+) -> list[dict]:
     """One DDP rank, run by :func:`helpers.ddp.run` on every worker; returns epoch records."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -7,13 +7,18 @@ ship a quarter of the bytes of float32 and the CPU skips two passes over every i
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from PIL import Image
 
 
 class BadImageError(ValueError):
     """An object that is not a decodable image; the message names its key."""
 
 
-def decode_image(data: bytes, key: str, draft: int | None = None):
+def decode_image(data: bytes, key: str, draft: int | None = None) -> Image.Image:
     """Bytes -> RGB PIL image, whatever the mode (L, CMYK, RGBA, P) or the name's suffix.
 
     ``draft`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (the DCT does it for
@@ -43,7 +48,7 @@ def decode_image(data: bytes, key: str, draft: int | None = None):
     return img.convert("RGB")
 
 
-def train_transform(image_size: int):
+def train_transform(image_size: int) -> Callable:
     """Standard training augmentation (torchvision's classification recipe), ending in uint8.
 
     Normalisation happens on the device, inside the model (``helpers.train``): the loader ships
@@ -60,7 +65,7 @@ def train_transform(image_size: int):
     )
 
 
-def eval_transform(image_size: int):
+def eval_transform(image_size: int) -> Callable:
     """Resize the short side to 8/7 of ``image_size`` and take the centre crop, uint8."""
     from torchvision import transforms as T
 

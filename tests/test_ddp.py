@@ -164,3 +164,34 @@ def test_tls_local_cluster_runs_ranks():
     with make_client("local", n_workers=2, tls=True) as c:
         assert c.scheduler.address.startswith("tls://")
         assert {r["backend"] for r in ddp.run(c, _backend)} == {"gloo"}
+
+
+def test_a_daemonic_worker_is_refused_within_seconds_naming_the_setting():
+    """Workers started the plain way (``dask worker``) are daemonic: name the fix up front."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.worker.daemon": True}):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                               dashboard_address=":0")  # fmt: skip
+    with cluster, Client(cluster) as c:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+            ddp.run(c, _sum_ranks)
+        assert time.monotonic() - start < 10
+
+
+def test_a_worker_that_trims_memory_is_warned_about_once(caplog):
+    import dask
+    from distributed import Client, LocalCluster
+
+    trims = {"distributed.worker.daemon": False,
+             "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 65536}  # fmt: skip
+    with dask.config.set(trims):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                               dashboard_address=":0")  # fmt: skip
+    with cluster, Client(cluster) as c, caplog.at_level("WARNING", logger="helpers.cluster"):
+        ddp.run(c, _sum_ranks)
+        ddp.run(c, _sum_ranks)
+    warned = [r for r in caplog.records if "MALLOC_TRIM_THRESHOLD_" in r.getMessage()]
+    assert len(warned) == 1 and "pre-spawn-environ" in warned[0].getMessage()

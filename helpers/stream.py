@@ -20,6 +20,7 @@ these too): validation's padding is a blank image (label 0, key "") the evaluati
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -157,16 +158,20 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
 
+    def rank_span(self) -> tuple[int, int]:
+        """``(start, n)``: this rank's run of the epoch's sample stream (n differs by <= 1)."""
+        n, w = self.total, self.world_size
+        return self.rank * (n // w) + min(self.rank, n % w), n // w + (self.rank < n % w)
+
     def assignment(self, worker: int, num_workers: int) -> tuple[list, int, int]:
         """``(ranges, real, quota)`` of a loader process: its :func:`plan`, how many distinct
         samples it reads, and how many it yields (the rest is padding)."""
-        n, w = self.total, self.world_size
-        per_rank = [n // w + (r < n % w) for r in range(w)]
         caps = [
             b * self.batch_size for b in worker_batches(len(self), self.batch_size, num_workers)
         ]
-        real = share(per_rank[self.rank], caps)
-        start = sum(per_rank[: self.rank]) + sum(real[:worker])
+        start, n = self.rank_span()
+        real = share(n, caps)
+        start += sum(real[:worker])
         return (
             plan(self.counts, self.shard_order(), start, start + real[worker]),
             real[worker],
@@ -218,27 +223,18 @@ class ShardStream(IterableDataset):
         self.stats = stats = dict.fromkeys(
             ("samples", "padding", "corrupt", "missing_shards", "damaged_shards"), 0
         )
+        items = self._decoded(ranges, worker, stats, warn=True)
+        if self.train:  # then repeat samples until the quota is met: see _padding
+            items = itertools.chain(items, self._padding(ranges, worker, stats))
         produced = 0
-        passes = [(False, True)]  # (is_padding, warn): the real pass, then padding passes
-        while produced < quota and passes:
-            padding, warn = passes.pop()
-            got = 0
-            for key, img, label in self._decoded(ranges, worker, stats, warn, padding):
-                if produced == quota:
-                    break
-                got += 1
-                if produced >= skip:
-                    yield self._item(img, label, key, padding)
-                produced += 1
-                stats["padding" if padding else "samples"] += 1
-            if produced < quota and (got or not padding):
-                passes.append((True, False))
-        if produced < quota:
-            if self.train:
-                raise storage.StorageError(
-                    f"loader process {worker} of rank {self.rank} read no sample of "
-                    f"{self.where} (its shards: {[self.names[i] for i, _, _ in ranges]})"
-                )
+        for key, img, label, padding in items:
+            if produced == quota:
+                break
+            if produced >= skip:
+                yield self._item(img, label, key, padding)
+            produced += 1
+            stats["padding" if padding else "samples"] += 1
+        if produced < quota:  # validation pads with blank images
             stats["padding"] += quota - produced
             blank = self.transform(_blank(self.image_size))
             for _ in range(max(produced, skip), quota):
@@ -250,12 +246,9 @@ class ShardStream(IterableDataset):
         x = self.transform(img)
         return (x, label, key, padding) if self.with_keys else (x, label)
 
-    def _decoded(self, ranges, worker: int, stats: dict, warn: bool, padding: bool):
-        """``(key, image, label)`` of a process's samples, decoded, in its deterministic order.
-
-        Validation pads with blank images, not a second pass."""
-        if padding and not self.train:
-            return
+    def _decoded(self, ranges, worker: int, stats: dict, warn: bool, padding: bool = False):
+        """``(key, image, label, padding)`` of the samples in ``ranges``, decoded, in this
+        process's deterministic order (seeded by seed, epoch, rank and process)."""
         raw = self._raw(ranges, stats, warn)
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
@@ -268,7 +261,25 @@ class ShardStream(IterableDataset):
                     stats["corrupt"] += 1
                     log.warning("skipping a sample of shard %s: %s", shard, err)
                 continue
-            yield key, img, label
+            yield key, img, label, padding
+
+    def _padding(self, ranges, worker: int, stats: dict):
+        """Samples to repeat once the process's own run out: its own again, in the same order;
+        if it has none (a tiny split over many processes, all its shards missing), its rank's,
+        else any. Endless: the caller stops at the quota."""
+        (start, n), order = self.rank_span(), self.shard_order()
+        mine = plan(self.counts, order, start, start + n)
+        for source in (ranges, mine, plan(self.counts, order, 0, self.total)):
+            got = True
+            while got:
+                got = False
+                for item in self._decoded(source, worker, stats, warn=False, padding=True):
+                    got = True
+                    yield item
+        raise storage.StorageError(
+            f"no readable sample in the {self.split} shards of {self.where}; rebuild them with: "
+            f"{shards.rebuild_command(self.url)}"
+        )
 
     def _raw(self, ranges, stats: dict, warn: bool):
         """``(key, image bytes, label, shard)`` over the ranges; bad shards and members are

@@ -8,6 +8,7 @@ import logging
 import re
 import tarfile
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_members_are_key_jpg_then_key_cls_with_original_keys(sharded):
     url, options, manifest, index = sharded
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
-    breeds_per_shard = []
+    packed = []
     for e in index["splits"]["train"]["shards"]:
         members = _members(fs, f"{root}/shards/{e['name']}")
         for (img, blob), (cls, label) in zip(members[::2], members[1::2], strict=True):
@@ -98,8 +99,8 @@ def test_members_are_key_jpg_then_key_cls_with_original_keys(sharded):
             assert img in manifest.keys
             assert label == str(manifest.label(img)).encode()
             assert blob == fs.cat_file(f"{root}/{img}")  # the stored bytes, untouched
-        breeds_per_shard.append(len({data.class_folder(n) for n, _ in members}))
-    assert max(breeds_per_shard) > 1  # shuffled across classes, not packed breed by breed
+        packed += [n for n, _ in members[::2]]
+    assert packed != sorted(packed)  # shuffled across classes, not packed breed by breed
 
 
 def test_names_with_two_dots_are_refused():
@@ -176,9 +177,35 @@ def test_every_image_once_per_epoch_and_equal_batches_on_uneven_shards(sharded, 
     assert set(seen) == keys and set(seen.values()) == {1}  # every image once, across ranks
 
 
+def test_a_process_without_samples_of_its_own_pads_from_its_rank(sharded, monkeypatch):
+    url, options, manifest, _ = sharded
+    # 8 val images over 3 ranks in batches of 1: 3 per rank, but rank 2 has 2 images for its 3
+    # loader processes. Loader processes are simulated in this process.
+    ds = _stream(
+        url, options, manifest, split="val", train=True, rank=2, world_size=3, batch_size=1
+    )
+    got = []
+    for w in range(3):
+        monkeypatch.setattr(
+            stream, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=3)
+        )
+        got.append([(key, pad) for _, _, key, pad in ds])
+    assert [len(g) for g in got] == [1, 1, 1]
+    assert [pad for g in got for _, pad in g] == [False, False, True]
+    assert got[2][0][0] in {got[0][0][0], got[1][0][0]}
+
+
 def test_epochs_differ_and_an_epoch_repeats(sharded):
     url, options, manifest, _ = sharded
-    ds = _stream(url, options, manifest, world_size=2)
+    ranks = [_stream(url, options, manifest, rank=r, world_size=2) for r in range(2)]
+    orders = {}
+    for epoch in (0, 1):
+        for ds in ranks:
+            ds.set_epoch(epoch)
+        assert ranks[0].shard_order() == ranks[1].shard_order()  # the same on every rank
+        orders[epoch] = ranks[0].shard_order()
+    assert orders[0] != orders[1]
+    ds = ranks[0]
     first, again, second = _epoch(ds, epoch=0), _epoch(ds, epoch=0), _epoch(ds, epoch=1)
     assert first == again
     assert first != second

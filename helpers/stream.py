@@ -181,7 +181,16 @@ class ShardStream(IterableDataset):
     def state_dict(self, batches: int) -> dict:
         """The position after this rank's loader has yielded ``batches`` batches this epoch.
 
-        Every rank is at the same position, so rank 0's state resumes all of them.
+        Every rank is at the same position, so rank 0's state resumes all of them. It restores
+        exactly because each loader process's stream is a function of (seed, epoch, rank,
+        process): the shard order, its run of samples, the shuffle buffer (seeded per process,
+        fed the same raw samples) and the padding. The DataLoader takes batches from its
+        processes in turn, so ``batches`` says how many each one gave
+        (:func:`consumed_batches`); on resume each regenerates its stream and skips that many
+        batches (decoding them, to skip the same corrupt ones, but not transforming them),
+        and the new loader's process 0 takes the stream whose turn was next. Needs the same
+        ``batch_size``, ``world_size``, ``seed`` and ``num_workers``; a shard that was missing
+        when the state was saved but readable on resume (or the reverse) shifts positions.
         """
         return {
             "epoch": self.epoch,

@@ -302,16 +302,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _shards(args, options: dict) -> None:
-    from helpers import shards
+    from helpers import shards, shardwrite
 
     kw = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size}
     if args.archive:
         _ensure_bucket(args.url, options)
-        index = shards.write_shards_from_archive(
+        index = shardwrite.write_shards_from_archive(
             args.archive, args.url, options, **kw, lists_tar=args.lists
         )
     else:
-        index = shards.write_shards(args.url, options, **kw)
+        index = shardwrite.write_shards(args.url, options, **kw)
     for name, s in index["splits"].items():
         print(
             f"{shards.location(args.url)}: {name} {s['images']} images in {len(s['shards'])} shards"

@@ -22,67 +22,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import random
-import threading
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from helpers import data, shards, storage
+from helpers import data, shardread, shards, storage, transforms
+from helpers.streamplan import (
+    consumed_batches,
+    plan,
+    rank_quota,
+    share,
+    shuffled,
+    worker_batches,
+)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "objects", "shards")
-
-
-def rank_quota(total: int, world_size: int, batch_size: int) -> int:
-    """Samples per rank and epoch: all ``total`` over all ranks, rounded up to whole batches."""
-    return -(-total // (world_size * batch_size)) * batch_size
-
-
-def worker_batches(quota: int, batch_size: int, num_workers: int) -> list[int]:
-    """Batches per loader process: as even as can be, the first processes taking the extra."""
-    n = quota // batch_size
-    return [n // num_workers + (w < n % num_workers) for w in range(num_workers)]
-
-
-def consumed_batches(batches: int, per_worker: list[int]) -> tuple[list[int], int]:
-    """How many of the first ``batches`` came from each loader process, and which process the
-    next one comes from: the DataLoader takes batches from its processes in turn (0, 1, 2, ...),
-    passing over those already finished."""
-    done, rnd = [0] * len(per_worker), 0
-    while any(b > rnd for b in per_worker):
-        for w, b in enumerate(per_worker):
-            if b > rnd:
-                if batches == 0:
-                    return done, w
-                done[w], batches = done[w] + 1, batches - 1
-        rnd += 1
-    return done, 0
-
-
-def share(n: int, caps: list[int]) -> list[int]:
-    """``n`` split over ``caps`` in proportion, none over its cap (``sum(caps) >= n``)."""
-    total = sum(caps)
-    out = [n * c // total if total else 0 for c in caps]
-    while sum(out) < n:
-        w = max(range(len(caps)), key=lambda i: (caps[i] - out[i], -i))
-        out[w] += 1
-    return out
-
-
-def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
-    """``(shard, first, end)`` sample ranges that cover positions ``[start, stop)`` of the stream
-    made of the shards in ``order``."""
-    out, pos = [], 0
-    for i in order:
-        a, b = max(start, pos), min(stop, pos + counts[i])
-        if a < b:
-            out.append((i, a - pos, b - pos))
-        pos += counts[i]
-        if pos >= stop:
-            break
-    return out
 
 
 class ShardStream(IterableDataset):
@@ -133,7 +89,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.image_size = batch_size, image_size
         self.train = split == "train" if train is None else train
         self.with_keys = not self.train if with_keys is None else with_keys
-        make = data.train_transform if self.train else data.eval_transform
+        make = transforms.train_transform if self.train else transforms.eval_transform
         self.transform = transform or make(image_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
@@ -258,13 +214,22 @@ class ShardStream(IterableDataset):
     def _decoded(self, ranges, worker: int, stats: dict, warn: bool, padding: bool = False):
         """``(key, image, label, padding)`` of the samples in ``ranges``, decoded, in this
         process's deterministic order (seeded by seed, epoch, rank and process)."""
-        raw = self._raw(ranges, stats, warn)
+        raw = shardread.raw_samples(
+            self.where,
+            self.options,
+            [(self.names[i], first, end) for i, first, end in ranges],
+            classes=len(self.classes),
+            prefetch=self.prefetch,
+            stats=stats,
+            warn=warn,
+            rebuild=shards.rebuild_command(self.url),
+        )
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            raw = _shuffled(raw, self.shuffle_buffer, rng)
+            raw = shuffled(raw, self.shuffle_buffer, rng)
         for key, blob, label, shard in raw:
             try:
-                img = data.decode_image(blob, key, draft=self.image_size)
+                img = transforms.decode_image(blob, key, draft=self.image_size)
             except ValueError as err:  # not an image; the message names the key
                 if warn:
                     stats["corrupt"] += 1
@@ -290,119 +255,11 @@ class ShardStream(IterableDataset):
             f"{shards.rebuild_command(self.url)}"
         )
 
-    def _raw(self, ranges, stats: dict, warn: bool):
-        """``(key, image bytes, label, shard)`` over the ranges; bad shards and members are
-        skipped (and, with ``warn``, counted and logged)."""
-        names = [self.names[i] for i, _, _ in ranges]
-        with _Prefetcher(self.where, self.options, names, self.prefetch) as fetched:
-            for (_, first, end), (name, blob) in zip(ranges, fetched, strict=True):
-                url = storage.join(self.where, name)
-                if isinstance(blob, BaseException):
-                    if warn:
-                        stats["missing_shards"] += 1
-                        log.warning(
-                            "shard %s is missing or unreadable (%s: %s); its %d samples here are "
-                            "made up by padding. Rebuild the shards with: %s",
-                            url,
-                            type(blob).__name__,
-                            blob,
-                            end - first,
-                            shards.rebuild_command(self.url),
-                        )
-                    continue
-                pos = -1
-                try:
-                    for pos, (key, members) in enumerate(shards.read_shard(blob)):
-                        if pos >= end:
-                            break
-                        if pos >= first:
-                            sample = self._sample(key, members, name, stats, warn)
-                            if sample is not None:
-                                yield sample
-                except shards.DAMAGED as err:
-                    if warn:
-                        stats["damaged_shards"] += 1
-                        log.warning(
-                            "shard %s is truncated or damaged after %d samples (%s); the rest "
-                            "is made up by padding. Rebuild the shards with: %s",
-                            url,
-                            pos + 1,
-                            err,
-                            shards.rebuild_command(self.url),
-                        )
-
-    def _sample(self, key: str, members: dict, shard: str, stats: dict, warn: bool):
-        ext = next((e for e in members if e != "cls"), None)
-        cls = members.get("cls", b"").strip()
-        why = None
-        if ext is None:
-            why = "no image member"
-        elif not cls.isdigit() or int(cls) >= len(self.classes):
-            why = f"label {cls[:20]!r} is not a class index below {len(self.classes)}"
-        if why is None:
-            return f"{key}.{ext}", members[ext], int(cls), shard
-        if warn:
-            stats["corrupt"] += 1
-            log.warning("skipping %s of shard %s: %s", key, shard, why)
-        return None
-
-
-def _shuffled(items, size: int, rng: random.Random):
-    """A shuffle buffer: once ``size`` items are held, each new one replaces a random one."""
-    buf = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
-
 
 def _blank(size: int):
     from PIL import Image
 
     return Image.new("RGB", (size, size))
-
-
-class _Prefetcher:
-    """GETs whole shards in a background thread, up to ``depth`` ahead of the reader; yields
-    ``(name, bytes or the exception)`` in order."""
-
-    def __init__(self, url: str, options: dict, names: list[str], depth: int):
-        self.url, self.options, self.names = url, options, names
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
-
-    def __enter__(self) -> _Prefetcher:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()  # the thread ends after the GET in flight; nobody waits for it
-
-    def __iter__(self):
-        for _ in self.names:
-            yield self.queue.get()
-
-    def _run(self) -> None:
-        root = storage.split_url(self.url)[1]
-        for name in self.names:
-            if self.stop.is_set():
-                return
-            try:
-                item = storage.filesystem(self.url, self.options).cat_file(f"{root}/{name}")
-            except Exception as err:  # noqa: BLE001 - handed to the reader, which names the shard
-                item = err
-            while not self.stop.is_set():
-                try:
-                    self.queue.put((name, item), timeout=0.2)
-                    break
-                except queue.Full:
-                    pass
 
 
 def make_shard_loader(

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import data, prepare, shards, storage, stream
+from helpers import data, prepare, shards, shardwrite, storage, stream
 
 SIZE = 32  # image side: small, the tests are about which samples come out, not pixels
 
@@ -20,7 +20,7 @@ SIZE = 32  # image side: small, the tests are about which samples come out, not 
 @pytest.fixture(scope="module")
 def sharded(dogs):
     url, options, manifest = dogs
-    index = shards.write_shards(url, options, val_fraction=0.2, seed=0, shard_size=3)
+    index = shardwrite.write_shards(url, options, val_fraction=0.2, seed=0, shard_size=3)
     return url, options, manifest, index
 
 
@@ -141,9 +141,9 @@ def _uneven(url, options, monkeypatch):
             out, keys = out + [keys[:n]], keys[n:]
         return out
 
-    monkeypatch.setattr(shards, "plan_shards", plan)
+    monkeypatch.setattr(shardwrite, "plan_shards", plan)
     where = storage.join(url, "uneven")
-    index = shards.write_shards(url, options, shard_size=3, shards_url=where)
+    index = shardwrite.write_shards(url, options, shard_size=3, shards_url=where)
     assert [e["images"] for e in index["splits"]["train"]["shards"]] == sizes[32]
     return where
 

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -65,7 +65,8 @@ class Faults:
 class S3Proxy:
     """A reverse proxy on ``127.0.0.1`` (a free port) to ``upstream``; a context manager.
 
-    ``counts()`` and ``reset()`` are thread-safe; ``faults`` may be replaced while it runs.
+    ``counts()`` and ``reset()`` are thread-safe; ``faults`` may be replaced while it runs;
+    ``log`` holds the last ``max_log`` requests as ``(method, path without query)``.
     """
 
     def __init__(
@@ -74,13 +75,14 @@ class S3Proxy:
         faults: Faults | None = None,
         max_connections: int = 64,
         timeout: float = 60.0,
+        max_log: int = 100_000,
     ):
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream={upstream!r}; allowed: an http://host:port S3 endpoint")
         self.upstream = (parts.hostname, parts.port or 80)
         self.faults = faults or Faults()
-        self.timeout, self.max_connections = timeout, max_connections
+        self.timeout, self.max_connections, self.max_log = timeout, max_connections, max_log
         self.url: str | None = None
         self._lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
@@ -116,6 +118,7 @@ class S3Proxy:
         """Zero the counts (and restart the fault sequence from its seed)."""
         with self._lock:
             self._requests: Counter = Counter()
+            self.log: deque = deque(maxlen=self.max_log)  # (method, path), newest last
             self._faulted: Counter = Counter()
             self._bytes_in = self._bytes_out = 0
             self._rng = random.Random(self.faults.seed)
@@ -130,11 +133,12 @@ class S3Proxy:
                 "bytes_out": self._bytes_out,
             }
 
-    def _admit(self, method: str, bytes_in: int) -> str | None:
+    def _admit(self, method: str, path: str, bytes_in: int) -> str | None:
         """Count a request; the fault to inject into it, if any."""
         f = self.faults
         with self._lock:
             self._requests[method] += 1
+            self.log.append((method, path.split("?", 1)[0]))
             self._bytes_in += bytes_in
             if f.rate and method in f.methods and self._rng.random() < f.rate:
                 self._faulted[f.kind] += 1
@@ -190,7 +194,7 @@ class _Forward(BaseHTTPRequestHandler):
     def _any(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        fault = self.proxy._admit(self.command, len(body))
+        fault = self.proxy._admit(self.command, self.path, len(body))
         if fault == "reset":
             # SO_LINGER 0: close() sends RST, as a crashed or overloaded server's kernel would.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -71,6 +71,7 @@ class ShardStream(IterableDataset):
         split_seed: int | None = None,
         transform=None,
         with_keys: bool | None = None,
+        draft: bool = True,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; allowed: 'train', 'val'")
@@ -93,6 +94,7 @@ class ShardStream(IterableDataset):
         self.transform = transform or make(image_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
+        self.draft = draft  # JPEG draft decoding at image_size (off: full-size decodes)
         self.epoch, self.num_workers, self._resume = 0, 0, None
         self.stats: dict[str, int] = {}
 
@@ -188,17 +190,19 @@ class ShardStream(IterableDataset):
         self.stats = stats = dict.fromkeys(
             ("samples", "padding", "corrupt", "missing_shards", "damaged_shards"), 0
         )
-        items = self._decoded(ranges, worker, stats, warn=True)
+        parts = [self._decoded(ranges, worker, stats, warn=True)]
         if self.train:  # then repeat samples until the quota is met: see _padding
-            items = itertools.chain(items, self._padding(ranges, worker, stats))
+            parts.append(self._padding(ranges, worker, stats))
         produced = 0
-        for key, img, label, padding in items:
-            if produced == quota:
-                break
+        for key, img, label, padding in itertools.chain(*parts) if quota else ():
             if produced >= skip:
                 yield self._item(img, label, key, padding)
             produced += 1
             stats["padding" if padding else "samples"] += 1
+            if produced == quota:
+                break  # before pulling one more: that would start the padding's shard GETs
+        for part in parts:
+            part.close()  # ends its prefetch thread now, not when garbage-collected
         if produced < quota:  # validation pads with blank images
             stats["padding"] += quota - produced
             blank = self.transform(_blank(self.image_size))
@@ -229,7 +233,7 @@ class ShardStream(IterableDataset):
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for key, blob, label, shard in raw:
             try:
-                img = transforms.decode_image(blob, key, draft=self.image_size)
+                img = transforms.decode_image(blob, key, self.image_size if self.draft else None)
             except ValueError as err:  # not an image; the message names the key
                 if warn:
                     stats["corrupt"] += 1

@@ -309,3 +309,17 @@ def test_from_the_official_archive_shards_only(s3, dogs, tmp_path):
     assert sorted(k for b in _epoch(ds) for k, pad in b if not pad) == sorted(
         data.split(data.load_manifest(target, options)).val
     )
+
+
+def test_an_epoch_gets_each_shard_once_and_no_image(sharded, s3):
+    """Counted at the server side: one GET per shard (the index once, in this process)."""
+    from helpers import s3proxy
+
+    url, options, manifest, index = sharded
+    with s3proxy.S3Proxy(s3.endpoint_url) as proxy:
+        ds = _stream(url, {**options, "endpoint_url": proxy.url}, manifest, with_keys=False)
+        assert sum(len(b[1]) for b in stream.make_shard_loader(ds, 1)) == len(ds)
+        gets = Counter(path for method, path in proxy.log if method == "GET")
+    shard_paths = {p for p in gets if p.endswith(".tar")}
+    assert len(shard_paths) == len(index["splits"]["train"]["shards"])
+    assert set(gets.values()) == {1} and len(gets) == len(shard_paths) + 1  # + index.json

@@ -1,360 +1,373 @@
-"""Data-loading throughput: the project's lazy S3 loader against a local ImageFolder and the peer.
+"""Data loading on equal terms: the shard path, the per-object path and the loaders users would
+pick instead, on the same images in the same embedded S3 server, in one run.
 
-What it measures: the images per second a training DataLoader delivers (fetch, JPEG decode and
-the training transforms of ``helpers.transforms.train_transform``: RandomResizedCrop, flip,
-PILToTensor; normalisation happens on the device) for three loaders over the same synthetic
-Stanford-Dogs images, with the same batch size, worker processes, shuffling and prefetch depth,
-in one process:
+Contenders (:mod:`contenders`): the shard stream (``helpers.stream``), the per-object dataset
+(``helpers.objects``, no disk cache), torchvision's ``ImageFolder`` over a local copy (the
+ceiling), ``s3torchconnector``'s map-style dataset, ``webdataset`` over the same shards, and
+``dask_pytorch_ddp``'s ``S3ImageFolder``. All decode with ``transforms.decode_image`` and apply
+one shared ``train_transform(size)`` object, in the same number of loader processes, batch size
+and prefetch depth. JPEG draft decoding is a column: "on" for every contender that can use it,
+"off" for all (``dask_pytorch_ddp`` decodes by itself: "off" only).
 
-- (a) ``helpers.objects.make_dataset`` + ``make_loader``, reading an embedded S3 server on loopback;
-  (a+) the same with its local disk cache on, as training runs it: the cold 1st pass fills the
-  cache from S3, later passes (epochs) read local files;
-- (b) ``torchvision.datasets.ImageFolder`` over a local copy of the same files (no network: the
-  bar to reach);
-- (c) ``dask_pytorch_ddp.data.S3ImageFolder`` against the same server (the peer); it takes no
-  endpoint or credentials, so they go in the standard AWS environment variables.
+How: one untimed pass of each through a counting proxy (``helpers.s3proxy``): requests per
+epoch, counted at the server side. Then ``passes`` timed rounds, the contenders interleaved
+(round-robin) so a burst of load from elsewhere hits all alike; every pass is recorded with the
+CPU seconds it cost the loader and the server. Ratios are of median img/s, with the range of
+the per-round ratios. Finally a one-process stage profile (fetch, unpack, decode, transform).
+The run writes a record under ``bench/results/`` (``bench/record.py``)::
 
-Why: the tutorial claims that streaming from object storage costs little next to local disk
-(target (a)/(b) >= 0.8) and is much faster than the peer (target (a)/(c) >= 5).
-
-How: each loader is built once, as a training script builds it, and iterated like epochs. Its
-first full pass is untimed warm-up (worker start-up, S3 connections, page cache) and is reported
-as the cold "1st pass". Then ``--repeats`` timed full passes go round-robin (a, b, c, a, b, c,
-...), so a burst of load from another process hits all three alike, and the best pass of each
-is kept: the steady per-epoch rate. All three DataLoaders use ``make_loader``'s settings (batch
-size, workers, shuffle, ``prefetch_factor=4``, persistent workers); (b) and (c) keep torch's
-default collate. The peer may be timed on a seeded random subset of ``--peer-limit`` images:
-img/s is a rate.
-
-Read the numbers knowing that (a) decodes JPEGs in PIL's draft mode (scaled by 1/2, 1/4 or 1/8
-in the DCT while both sides stay >= the image size), part of the project's loader that (b) and (c)
-lack; and that on loopback the S3 server shares the CPUs with the loader workers of (a) and (c).
-
-    python bench/bench_loading.py [--breeds 10 --per-breed 40 --workers 2 --json out.json]
+    python bench/bench_loading.py --images photos      # photo-like JPEGs (bench/photos.py)
+    python bench/bench_loading.py --images synthetic   # helpers.prepare's synthetic dogs
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
-import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
-from helpers import data, objects, prepare, s3server, storage, transforms
-from helpers.measure import time_loader
+import contenders as cn
+import photos
+import record
+import stages
+
+from helpers import data, prepare, s3proxy, s3server, shardwrite, transforms
 
 log = logging.getLogger("bench_loading")
 
-BUCKET, PREFIX = "bench", "dogs"
-PREFETCH = 4  # make_loader's prefetch_factor and persistent workers; (b) and (c) get the same
-COPY_CHUNK = 128  # objects per concurrent GET round when copying to the local folder
-# (a+) is (a) with its local disk cache on: epochs after the first read local files, not S3.
-TARGETS = {
-    "(a)/(b)": ("a", "b", 0.8),
-    "(a+)/(b)": ("a+", "b", 0.8),
-    "(a)/(c)": ("a", "c", 5.0),
-}
+URL = "s3://bench/dogs"  # SeaweedFS bucket names need at least 3 characters
+KEYS = ("shards", "objects", "imagefolder", "s3torchconnector", "webdataset", "dask_pytorch_ddp")
+# (name, numerator, denominator, target): ratios of median img/s
+RATIOS = (
+    ("shards / local-disk ImageFolder", "shards", "imagefolder", 1.0),
+    ("per-object / local-disk ImageFolder", "objects", "imagefolder", 0.8),
+    ("shards / webdataset (same shards)", "shards", "webdataset", 1.0),
+    ("per-object / s3torchconnector", "objects", "s3torchconnector", 1.0),
+    ("per-object / dask_pytorch_ddp S3ImageFolder", "objects", "dask_pytorch_ddp", 5.0),
+)
 
 
-@dataclass
-class Contender:
-    """One loader under test: how to build its DataLoader, and the environment it runs in."""
-
-    key: str  # "a", "b" or "c"
-    name: str
-    build: Callable[[], Any]
-    env: dict[str, str | None] = field(default_factory=dict)  # None: unset while it runs
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, unset) environment variables for the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            _setenv(k, v)
-        yield
-    finally:
-        for k, v in saved.items():
-            _setenv(k, v)
-
-
-def _setenv(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def peer_environment(endpoint_url: str) -> dict[str, str | None]:
-    """What boto3 (the peer and its worker processes) needs to sign for the embedded server."""
+def time_pass(loader, delay: float = 0.0, meter: stages.CpuMeter | None = None) -> dict:
+    """Iterate one pass: images, seconds, img/s, CPU; ``delay`` s slept after each batch."""
+    meter = meter or stages.CpuMeter(None)
+    n = batches = 0
+    with meter:
+        start = time.perf_counter()
+        for batch in loader:
+            if batch is not None:
+                n, batches = n + len(batch[1]), batches + 1
+            if delay:
+                time.sleep(delay)
+        seconds = time.perf_counter() - start
+    del loader  # its processes end before the next contender starts
     return {
-        "AWS_ENDPOINT_URL": endpoint_url,
-        "AWS_ENDPOINT_URL_S3": endpoint_url,  # botocore prefers it to AWS_ENDPOINT_URL when set
-        "AWS_ACCESS_KEY_ID": s3server.DUMMY_CREDENTIALS["key"],
-        "AWS_SECRET_ACCESS_KEY": s3server.DUMMY_CREDENTIALS["secret"],
-        "AWS_SESSION_TOKEN": None,  # a real session's token would not match the dummy keys
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "images": n,
+        "batches": batches,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(n / seconds, 1),
+        **meter.result,
     }
 
 
-def copy_to_local(manifest: data.Manifest, options: dict, root: Path) -> Path:
-    """Copy every image to ``root`` in the same ``Images/<class>/<file>.jpg`` layout."""
-    fs = storage.filesystem(manifest.url, options)
-    prefix = storage.split_url(manifest.url)[1]
-    keys = list(manifest.keys)
-    for start in range(0, len(keys), COPY_CHUNK):
-        chunk = keys[start : start + COPY_CHUNK]
-        blobs = fs.cat([f"{prefix}/{k}" for k in chunk])
-        for key in chunk:
-            path = root / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(blobs[f"{prefix}/{key}"])
-    return root / "Images"
+def make_dataset(kind: str, breeds: int, per_breed: int, options: dict, seed: int):
+    """Photo-like JPEGs or the synthetic dogs at :data:`URL`."""
+    if kind == "photos":
+        return photos.write_photos(URL, options, breeds, per_breed, seed)
+    if kind == "synthetic":
+        return prepare.write_synthetic(URL, options, breeds, per_breed, seed)
+    raise ValueError(f"images={kind!r}; allowed: 'photos', 'synthetic'")
 
 
-def _plain_loader(dataset, batch_size: int, workers: int):
-    """The DataLoader of (b) and (c): ``make_loader``'s settings, with torch's default collate."""
-    from torch.utils.data import DataLoader
-
-    extra = {"prefetch_factor": PREFETCH} if workers > 0 else {}
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle=True,
-        persistent_workers=workers > 0,
-        **extra,
-    )
-
-
-def project_contender(
-    manifest: data.Manifest,
-    options: dict,
-    image_size: int,
-    batch_size: int,
-    workers: int,
-    cache_dir: str | None = None,
-) -> Contender:
-    """(a): the project's lazy S3 dataset and loader, exactly as the notebooks build them;
-    (a+): the same with its local disk cache (``cache_dir``)."""
-    ds = objects.make_dataset(
-        manifest, manifest.keys, options, image_size, train=True, cache_dir=cache_dir
-    )
-    key, name = (
-        ("a+", "(a+) helpers lazy S3, disk cache") if cache_dir else ("a", "(a) helpers lazy S3")
-    )
-    return Contender(key, name, lambda: data.make_loader(ds, batch_size, workers, shuffle=True))
+def counting_pass(c: cn.Contender, draft: bool, upstream: str) -> dict:
+    """One untimed pass through the counting proxy (also the warm-up): requests by method."""
+    with s3proxy.S3Proxy(upstream) as proxy, cn.environment(c.env(proxy.url)):
+        result = time_pass(c.build(proxy.url, draft))
+        counts = proxy.counts()
+        log.debug("%s requests: %s", c.key, list(proxy.log))
+    gets = counts["requests"].get("GET", 0)
+    return {
+        **result,
+        "requests": counts["requests"],
+        "bytes_out": counts["bytes_out"],
+        "gets_per_image": round(gets / max(1, result["images"]), 3),
+    }
 
 
-def local_contender(
-    root: Path, classes: tuple[str, ...], image_size: int, batch_size: int, workers: int
-) -> Contender:
-    """(b): torchvision's ImageFolder over the local copy."""
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(str(root), transform=transforms.train_transform(image_size))
-    if tuple(ds.classes) != classes:
-        raise RuntimeError(f"ImageFolder found classes {ds.classes}, the manifest {classes}")
-    return Contender("b", "(b) local ImageFolder", lambda: _plain_loader(ds, batch_size, workers))
-
-
-def peer_contender(
-    endpoint_url: str,
-    classes: tuple[str, ...],
-    image_size: int,
-    batch_size: int,
-    workers: int,
-    limit: int,
-    seed: int,
-) -> Contender:
-    """(c): dask-pytorch-ddp's S3ImageFolder on ``Images/`` only, optionally a seeded subset."""
-    from dask_pytorch_ddp.data import S3ImageFolder
-    from torch.utils.data import Subset
-
-    env = peer_environment(endpoint_url)
-    with environment(env):  # it lists in __init__, with a boto3 client from the environment
-        ds = S3ImageFolder(
-            BUCKET, f"{PREFIX}/Images/", transform=transforms.train_transform(image_size)
-        )
-    if tuple(ds.classes) != classes:
-        raise RuntimeError(f"S3ImageFolder found classes {ds.classes}, the manifest {classes}")
-    if 0 < limit < len(ds):
-        ds = Subset(ds, sorted(random.Random(seed).sample(range(len(ds)), limit)))
-    return Contender(
-        "c",
-        "(c) dask-pytorch-ddp S3ImageFolder",
-        lambda: _plain_loader(ds, batch_size, workers),
-        env,
-    )
+def timed_passes(
+    cs: list[cn.Contender], rounds: int, endpoint: str, server_pid: int | None, delay: dict
+) -> list[dict]:
+    """``rounds`` rounds; in each, every (contender, draft) once, interleaved."""
+    passes = []
+    for r in range(rounds):
+        for draft in (True, False):
+            for c in cs:
+                if draft not in c.drafts:
+                    continue
+                with cn.environment(c.env(endpoint)):
+                    loader = c.build(endpoint, draft)
+                    p = time_pass(loader, delay.get(c.key, 0.0), stages.CpuMeter(server_pid))
+                passes.append({"round": r, "contender": c.key, "draft": draft, **p})
+                log.info("round %d draft %-3s %-18s %s", r, "on" if draft else "off", c.key, p)
+    return passes
 
 
-def measure_all(contenders: list[Contender], repeats: int) -> dict[str, dict]:
-    """One untimed cold pass each, then ``repeats`` round-robin timed passes; keep each best."""
-    loaders, rows = {}, {}
-    try:
-        for c in contenders:
-            with environment(c.env):  # its workers start inside, and inherit it
-                loaders[c.key] = c.build()
-                cold = time_loader(loaders[c.key])
-            rows[c.key] = {"name": c.name, "first_pass_img_per_s": cold["img_per_s"]}
-            log.info("1st pass %s: %s", c.name, cold)
-        for i in range(repeats):
-            for c in contenders:
-                with environment(c.env):
-                    result = time_loader(loaders[c.key])
-                log.info("pass %d %s: %s", i + 1, c.name, result)
-                if result["img_per_s"] > rows[c.key].get("img_per_s", -1.0):
-                    rows[c.key].update(result)
-    finally:
-        loaders.clear()  # shut the persistent workers down before the server stops
-    return rows
+def summarise(passes: list[dict]) -> dict[str, dict]:
+    """Per ``contender/draft``: median, min and max img/s, CPU per image."""
+    out: dict[str, dict] = {}
+    for p in passes:
+        out.setdefault(f"{p['contender']}/{'on' if p['draft'] else 'off'}", []).append(p)
+    summary = {}
+    for k, ps in out.items():
+        rates = [p["img_per_s"] for p in ps]
+        summary[k] = {
+            "median_img_per_s": stages.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "passes": len(ps),
+            "cpu_loader_ms_per_img": _per_image(ps, "cpu_loader_s"),
+            "cpu_server_ms_per_img": _per_image(ps, "cpu_server_s"),
+        }
+    return summary
 
 
-def ratios(best: dict[str, dict]) -> dict[str, dict]:
-    """(a)/(b) and (a)/(c) of the img/s, each with its target and whether it is met."""
+def _per_image(ps: list[dict], field: str) -> float:
+    return round(stages.median([1000 * p[field] / max(1, p["images"]) for p in ps]), 2)
+
+
+def ratios(passes: list[dict], summary: dict) -> dict[str, dict]:
+    """Each ratio per draft column: median over median, and the range of per-round ratios."""
     out = {}
-    for label, (num, den, target) in TARGETS.items():
-        value = best[num]["img_per_s"] / best[den]["img_per_s"]
-        out[label] = {"value": round(value, 2), "target": target, "pass": value >= target}
+    for name, num, den, _ in RATIOS:
+        for col in ("on", "off"):
+            a, b = summary.get(f"{num}/{col}"), summary.get(f"{den}/{col}")
+            if not a or not b:
+                continue
+            rate = {
+                (p["contender"], p["round"]): p["img_per_s"]
+                for p in passes
+                if ("on" if p["draft"] else "off") == col
+            }
+            rounds = sorted({r for (_, r) in rate})
+            per_round = [
+                rate[num, r] / rate[den, r] for r in rounds if (num, r) in rate and (den, r) in rate
+            ]
+            out[f"{name}, draft {col}"] = {
+                "median": round(a["median_img_per_s"] / b["median_img_per_s"], 3),
+                "per_round_min": round(min(per_round), 3),
+                "per_round_max": round(max(per_round), 3),
+            }
+    return out
+
+
+def _why(num: str, den: str, col: str, summary: dict, profile: str) -> str:
+    """What limits a missed ratio: CPU per image of both sides (loader, server), the profile."""
+    a, b = summary[f"{num}/{col}"], summary[f"{den}/{col}"]
+    return (
+        f"{num}: {a['median_img_per_s']:.0f} img/s, CPU/img loader {a['cpu_loader_ms_per_img']} "
+        f"ms + S3 server {a['cpu_server_ms_per_img']} ms; {den}: {b['median_img_per_s']:.0f} "
+        f"img/s, loader {b['cpu_loader_ms_per_img']} ms + server {b['cpu_server_ms_per_img']} ms "
+        f"(on {os.cpu_count()} cores, CPU-bound when CPU/img x img/s ~ cores). Stages, one "
+        f"process: {profile}"
+    )
+
+
+def targets(
+    ratio: dict,
+    summary: dict,
+    counted: dict,
+    errors: dict,
+    n_shards: int,
+    workers: int,
+    profile: str,
+) -> list[dict]:
+    """The issue's targets: every ratio in each draft column, and the shard path's GETs."""
+    out = []
+    for name, num, den, goal in RATIOS:
+        for col in ("on", "off"):
+            label = f"{name}, draft {col}"
+            if label in ratio:
+                value = ratio[label]["median"]
+                why = None if value >= goal else _why(num, den, col, summary, profile)
+                out.append(record.target(label, value, ">=", goal, why))
+            elif col == "off" and (num in errors or den in errors):
+                why = "; ".join(f"{k} failed: {errors[k]}" for k in (num, den) if k in errors)
+                out.append(record.target(label, None, ">=", goal, why))
+    gets = counted.get("shards", {}).get("requests", {}).get("GET")
+    out.append(
+        record.target(
+            f"GETs per epoch, shard path ({n_shards} shards, {workers} loader processes)",
+            gets,
+            "<=",
+            n_shards + workers,
+            None if gets is not None and gets <= n_shards + workers else str(counted.get("shards")),
+        )
+    )
     return out
 
 
 def run(
+    images: str = "photos",
     breeds: int = 10,
-    per_breed: int = 40,
-    image_size: int = 128,
+    per_breed: int = 60,
+    image_size: int = 224,
     batch_size: int = 32,
     workers: int = 2,
-    peer_limit: int = 192,
-    repeats: int = 3,
+    prefetch: int = 4,
+    passes: int = 5,
+    peer_limit: int = 96,
+    shard_size: int = 48,
     seed: int = 0,
-) -> dict:
-    """Generate the images, measure the three loaders and return the numbers and the ratios.
+    only: tuple[str, ...] = KEYS,
+    delay: dict[str, float] | None = None,
+    profile: bool = True,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; return its record (written under ``out`` unless ``out=""``).
 
-    Small sizes (e.g. 3 breeds x 8 images, batch 4, 1 worker, 1 repeat) make a quick smoke test.
+    ``delay``: seconds slept after each batch of a contender (to check that ratios move).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}; allowed: 1 or more")
-    config = {
-        "breeds": breeds,
-        "per_breed": per_breed,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "workers": workers,
-        "peer_limit": peer_limit,
-        "repeats": repeats,
-        "seed": seed,
-        "cpus": os.cpu_count(),
-    }
-    best = _benchmark(config)
-    return {"config": config, "loaders": best, "ratios": ratios(best)}
-
-
-def _benchmark(cfg: dict) -> dict[str, dict]:
-    """Best pass of each loader; fills in cfg["images"] and cfg["s3_backend"]. Cleans up."""
-    size, batch, workers = cfg["image_size"], cfg["batch_size"], cfg["workers"]
+    settings = {k: v for k, v in locals().items() if k not in ("out",)}
+    settings["only"], settings["loadavg_before"] = list(only), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-loading-") as tmp:
         with s3server.EmbeddedS3(Path(tmp) / "s3") as server:
             options = server.storage_options
-            url = f"s3://{BUCKET}/{PREFIX}"
-            log.info("generating %d x %d images at %s", cfg["breeds"], cfg["per_breed"], url)
-            manifest = prepare.write_synthetic(
-                url, options, cfg["breeds"], cfg["per_breed"], cfg["seed"]
+            manifest = make_dataset(images, breeds, per_breed, options, seed)
+            index = shardwrite.write_shards(
+                URL, options, val_fraction=0.2, seed=seed, shard_size=shard_size, manifest=manifest
             )
-            cfg["images"], cfg["s3_backend"] = len(manifest.keys), server.backend
-            local = copy_to_local(manifest, options, Path(tmp) / "local")
-            contenders = [
-                project_contender(manifest, options, size, batch, workers),
-                project_contender(
-                    manifest, options, size, batch, workers, str(Path(tmp) / "cache")
-                ),
-                local_contender(local, manifest.classes, size, batch, workers),
-                peer_contender(
-                    server.endpoint_url,
-                    manifest.classes,
-                    size,
-                    batch,
-                    workers,
-                    cfg["peer_limit"],
-                    cfg["seed"],
-                ),
-            ]
-            return measure_all(contenders, cfg["repeats"])
+            train = index["splits"]["train"]
+            s = cn.Settings(
+                manifest,
+                data.split(manifest, 0.2, seed).train,
+                options,
+                transforms.train_transform(image_size),
+                image_size,
+                batch_size,
+                workers,
+                prefetch,
+                seed=seed,
+            )
+            local = cn.copy_to_local(s, Path(tmp) / "local")
+            names = [e["name"] for e in train["shards"]]
+            build = {
+                "shards": lambda: cn.shards(s),
+                "objects": lambda: cn.objects(s),
+                "imagefolder": lambda: cn.imagefolder(s, local),
+                "s3torchconnector": lambda: cn.s3torchconnector(s),
+                "webdataset": lambda: cn.webdataset(s, names),
+                "dask_pytorch_ddp": lambda: cn.dask_pytorch_ddp(s, peer_limit),
+            }
+            cs, counted, errors = [], {}, {}
+            for key in only:
+                try:
+                    c = build[key]()
+                    counted[key] = counting_pass(c, c.drafts[0], server.endpoint_url)
+                    cs.append(c)
+                except Exception as err:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                    errors[key] = f"{type(err).__name__}: {err}"[:500]
+                    log.warning("%s left out: %s", key, errors[key])
+            pid = server.proc.pid if server.proc else None
+            all_passes = timed_passes(cs, passes, server.endpoint_url, pid, delay or {})
+            costs = (
+                stages.stage_costs(
+                    URL, options, s.keys, names, local, s.transform, image_size, batch_size
+                )
+                if profile
+                else {}
+            )
+    summary = summarise(all_passes)
+    ratio = ratios(all_passes, summary)
+    settings |= {
+        "images_per_pass": {c.key: c.images for c in cs},
+        "train_shards": len(names),
+        "s3_backend": server.backend,
+        "loadavg_after": os.getloadavg(),
+    }
+    results = {
+        "summary": summary,
+        "ratios": ratio,
+        "requests_per_epoch": counted,
+        "errors": errors,
+        "stage_ms_per_image": costs,
+        "calibration": photos.calibrate() if images == "photos" and profile else None,
+    }
+    rec = record.build(
+        f"bench_loading-{images}",
+        settings,
+        all_passes,
+        targets(ratio, summary, counted, errors, len(names), workers, stages.describe(costs)),
+        results,
+        extra_versions=("s3torchconnector", "webdataset", "dask-pytorch-ddp"),
+    )
+    if out != "":
+        rec["path"] = str(record.write(rec, out or record.RESULTS))
+    return rec
 
 
-def report(result: dict) -> str:
-    """The table (best timed pass of each loader, and its cold 1st pass) and the ratios."""
-    cfg = result["config"]
+def report(rec: dict) -> str:
+    """The medians (with the range of passes), requests per epoch, ratios and targets."""
+    cfg, res = rec["settings"], rec["results"]
     lines = [
-        f"{cfg['images']} images ({cfg['breeds']} breeds x {cfg['per_breed']}), "
-        f"{cfg['image_size']} px, batch {cfg['batch_size']}, {cfg['workers']} workers, "
-        f"best of {cfg['repeats']} passes after a cold one, S3: embedded {cfg['s3_backend']}, "
-        f"{cfg['cpus']} CPUs",
+        f"{rec['benchmark']}: {cfg['images_per_pass']} images per pass, {cfg['image_size']} "
+        f"px, batch {cfg['batch_size']}, {cfg['workers']} loader processes, prefetch "
+        f"{cfg['prefetch']}, {cfg['passes']} rounds, load {cfg['loadavg_before']}",
         "",
-        f"{'loader':<36} {'images':>7} {'seconds':>8} {'img/s':>8} {'1st pass img/s':>15}",
+        f"{'contender/draft':<24} {'median img/s':>12} {'min':>7} {'max':>7} "
+        f"{'GET/img':>8} {'CPU ms/img loader':>18} {'server':>7}",
     ]
-    for r in result["loaders"].values():
+    for k, v in res["summary"].items():
+        gets = res["requests_per_epoch"].get(k.split("/")[0], {}).get("gets_per_image", "")
+        cpu = f"{v['cpu_loader_ms_per_img']:>18} {v['cpu_server_ms_per_img']:>7}"
         lines.append(
-            f"{r['name']:<36} {r['images']:>7} {r['seconds']:>8.2f} {r['img_per_s']:>8.1f} "
-            f"{r['first_pass_img_per_s']:>15.1f}"
+            f"{k:<24} {v['median_img_per_s']:>12.1f} {v['min']:>7.1f} {v['max']:>7.1f}"
+            f" {gets!s:>8} {cpu}"
         )
     lines.append("")
-    for label, r in result["ratios"].items():
-        verdict = "PASS" if r["pass"] else "MISS"
-        lines.append(f"{label} = {r['value']:5.2f}   target >= {r['target']:g}   {verdict}")
-    return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Data-loading img/s: helpers' lazy S3 loader vs ImageFolder vs S3ImageFolder"
-    )
-    parser.add_argument("--breeds", type=int, default=10, help="classes (1 to 20)")
-    parser.add_argument("--per-breed", type=int, default=40, help="images per class")
-    parser.add_argument("--image-size", type=int, default=128, help="training crop side, px")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed passes after the cold one; the best is kept"
-    )
-    parser.add_argument(
-        "--peer-limit",
-        type=int,
-        default=192,
-        help="images the peer (c) reads per pass, a seeded random subset; 0: all",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the results to this path")
-    return parser.parse_args(argv)
+    for k, v in res["errors"].items():
+        lines.append(f"{k} left out: {v}")
+    for t in rec["targets"]:
+        r = res["ratios"].get(t["name"], {})
+        spread = f" (rounds {r['per_round_min']}-{r['per_round_max']})" if r else ""
+        lines.append(
+            f"{t['name']}: {t['value']}{spread}  target {t['op']} {t['target']}  "
+            f"{'MET' if t['met'] else 'MISSED'}"
+        )
+    if res.get("stage_ms_per_image"):
+        lines += ["", "stages, one process: " + stages.describe(res["stage_ms_per_image"])]
+    if res.get("calibration"):
+        lines += ["", photos.describe(res["calibration"])]
+    return "\n".join(lines + ([f"record: {rec['path']}"] if "path" in rec else []))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark, print the table and the ratios, and write the JSON if asked."""
-    args = parse_args(argv)
+    """Run with the command line's settings, print the report, write the record."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", choices=["photos", "synthetic"], default="photos")
+    for name, default in (
+        ("breeds", 10),
+        ("per-breed", 60),
+        ("image-size", 224),
+        ("batch-size", 32),
+        ("workers", 2),
+        ("prefetch", 4),
+        ("passes", 5),
+        ("peer-limit", 96),
+        ("shard-size", 48),
+        ("seed", 0),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--only", nargs="+", choices=KEYS, default=list(KEYS))
+    p.add_argument("--out", default=None, help="records folder (default bench/results)")
+    args = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    result = run(
-        args.breeds,
-        args.per_breed,
-        args.image_size,
-        args.batch_size,
-        args.workers,
-        args.peer_limit,
-        args.repeats,
-        args.seed,
-    )
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    args["only"] = tuple(args["only"])
+    print(report(run(**{k.replace("-", "_"): v for k, v in args.items()})))
 
 
 if __name__ == "__main__":

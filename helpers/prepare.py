@@ -10,6 +10,7 @@ Command line::
 
     python -m helpers.prepare synthetic s3://dogs/synthetic --endpoint embedded
     python -m helpers.prepare archive images.tar s3://my-bucket/stanford-dogs --lists lists.tar
+    python -m helpers.prepare shards s3://my-bucket/stanford-dogs        # tar shards of it
 """
 
 from __future__ import annotations
@@ -284,14 +285,41 @@ def main(argv: list[str] | None = None) -> None:
     arc.add_argument("images_tar")
     arc.add_argument("url")
     arc.add_argument("--lists", default=None, help="the official lists.tar (train/test split)")
+    shd = sub.add_parser("shards", help="write tar shards (helpers.shards) of a dataset")
+    shd.add_argument("url")
+    shd.add_argument("--shard-size", type=int, default=48, help="images per shard")
+    shd.add_argument("--val-fraction", type=float, default=0.2)
+    shd.add_argument("--seed", type=int, default=0)
+    shd.add_argument("--archive", default=None, help="from images.tar: shards only, no objects")
+    shd.add_argument("--lists", default=None, help="with --archive: the official lists.tar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = s3server.connect(args.endpoint, args.s3_dir)
+    if args.command == "shards":
+        _shards(args, options)
+        return
     if args.command == "synthetic":
         m = ensure_synthetic(args.url, options, args.breeds, args.per_breed, args.seed)
     else:
         m = upload_archive(args.images_tar, args.url, options, args.lists)
     print(f"{args.url}: {len(m.keys)} images, {len(m.classes)} breeds")
+
+
+def _shards(args, options: dict) -> None:
+    from helpers import shards, shardwrite
+
+    kw = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size}
+    if args.archive:
+        _ensure_bucket(args.url, options)
+        index = shardwrite.write_shards_from_archive(
+            args.archive, args.url, options, **kw, lists_tar=args.lists
+        )
+    else:
+        index = shardwrite.write_shards(args.url, options, **kw)
+    for name, s in index["splits"].items():
+        print(
+            f"{shards.location(args.url)}: {name} {s['images']} images in {len(s['shards'])} shards"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from helpers.model import ARCHS
 
 AMPS = ("auto", "bf16", "fp16", "off")
 IMAGE_SETS = ("val", "train", "all")
+DATA_FORMATS = ("auto", "objects", "shards")
 
 
 def _allowed(name: str, value, allowed) -> None:
@@ -45,6 +46,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     val_fraction: float = 0.2  # used when the dataset has no official split
     seed: int = 0  # the split, the initial weights, the shuffles and the augmentations
+    data_format: str = "auto"  # "objects", "shards", or "auto": shards where an index exists
     loader_workers: int = 1  # DataLoader processes per rank
     cache_dir: str = ""  # local disk cache for fetched images ("" = none)
     checkpoint_url: str = ""  # folder (local or s3://) for checkpoint.pt ("" = none)
@@ -60,6 +62,7 @@ class TrainConfig:
     def __post_init__(self):
         _allowed("arch", self.arch, ARCHS)
         _allowed("amp", self.amp, AMPS)
+        _allowed("data_format", self.data_format, DATA_FORMATS)
         _at_least(self, ("image_size",), 32)
         _at_least(self, ("epochs", "batch_size", "log_every"), 1)
         _at_least(self, ("loader_workers", "max_steps", "threads", "stop_after_epoch"), 0)

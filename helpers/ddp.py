@@ -246,21 +246,21 @@ def _run_locked(client, fn, args, kwargs, timeout_s):
         while True:
             if any(f.status == "error" for f in futures):
                 time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
-                _check_workers(client, ranks)  # a dead worker explains its peers' errors
+                _check_alive(client, ranks)  # a dead worker explains its peers' errors
                 raise _primary_error([f for f in futures if f.status == "error"], futures)
             if all(f.status == "finished" for f in futures):
                 return [f.result() for f in futures]
             if any(f.status == "cancelled" for f in futures):
                 raise RuntimeError(f"{job} was cancelled")
             if time.monotonic() - checked > 1.0:
-                _check_workers(client, ranks)
+                _check_alive(client, ranks)
                 checked = time.monotonic()
             time.sleep(0.1)
     finally:
         client.cancel([f for f in futures if not f.done()], force=True)
 
 
-def _check_workers(client, ranks: list[Rank]) -> None:
+def _check_alive(client, ranks: list[Rank]) -> None:
     alive = set(client.nthreads())  # light: addresses only, not every worker's metrics
     for r in ranks:
         if r.worker not in alive:

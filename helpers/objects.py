@@ -14,8 +14,6 @@ from helpers import storage
 from helpers.data import Manifest, class_folder
 from helpers.transforms import (
     BadImageError,
-    Compose,
-    ShufflePixels,
     decode_image,
     eval_transform,
     train_transform,
@@ -146,17 +144,13 @@ def make_dataset(
     train: bool,
     on_error: str = "skip",
     cache_dir: str | None = None,
-    shuffle_pixels: bool = False,
 ) -> S3ImageDataset:
     """A dataset over ``keys`` of ``manifest`` with the training or evaluation transforms.
 
     ``cache_dir``: a local folder that keeps fetched objects (compressed, as stored), so epochs
     after the first read local disk instead of S3; shared by every process on the host.
-    ``shuffle_pixels``: the control experiment, every image's pixels in a random order.
     """
     tf = train_transform(image_size) if train else eval_transform(image_size)
-    if shuffle_pixels:
-        tf = Compose([tf, ShufflePixels()])
     return S3ImageDataset(
         manifest.url, keys, manifest.classes, options, tf, on_error,
         draft=image_size, cache_dir=cache_dir or None,

@@ -14,8 +14,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from helpers import checkpoint, data, monitor, objects
+from helpers import checkpoint, monitor
 from helpers.config import TrainConfig
+from helpers.loaders import make_loaders, start_epoch, without_padding
 from helpers.meter import StepMeter, placeholder_batch
 from helpers.model import build_model, param_sum
 
@@ -55,40 +56,6 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
     import torch
 
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
-
-
-def make_loaders(cfg: TrainConfig, options: dict | None, rank: Rank, device: torch.device) -> tuple:
-    """``(classes, train_loader, val_loader)``: the same split on every rank, disjoint shares.
-
-    Training batches come through a ``DistributedSampler``; each rank validates its own slice of
-    the validation split. The training loader's generator is reseeded every epoch
-    (:func:`augment_seed`), so augmentations are reproducible and a resumed run sees what a
-    straight run saw.
-    """
-    import torch
-    from torch.utils.data.distributed import DistributedSampler
-
-    manifest = data.load_manifest(cfg.data_url, options)
-    split = data.split(manifest, cfg.val_fraction, cfg.seed)
-    kw = dict(cache_dir=cfg.cache_dir, shuffle_pixels=cfg.shuffle_pixels)
-    train_ds = objects.make_dataset(manifest, split.train, options, cfg.image_size, True, **kw)
-    own_val = data.shard(split.val, rank.rank, rank.world_size)
-    val_ds = objects.make_dataset(manifest, own_val, options, cfg.image_size, False, **kw)
-    sampler = DistributedSampler(
-        train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    pin = device.type == "cuda"
-    train_loader = data.make_loader(
-        train_ds, cfg.batch_size, cfg.loader_workers, sampler=sampler, drop_last=True,
-        pin_memory=pin, generator=torch.Generator(), persistent=False,
-    )  # fmt: skip
-    val_loader = data.make_loader(val_ds, cfg.batch_size * 2, cfg.loader_workers, pin_memory=pin)
-    return manifest.classes, train_loader, val_loader
-
-
-def augment_seed(cfg: TrainConfig, epoch: int, rank: Rank) -> int:
-    """The loader processes' seed for an epoch: a resumed run augments as a straight run did."""
-    return cfg.seed * 1_000_003 + epoch * 1_009 + rank.rank
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -173,7 +140,9 @@ def evaluate(
         for batch in loader:
             if batch is None:
                 continue
-            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            images, labels = (t.to(device, non_blocking=True) for t in without_padding(batch))
+            if not len(labels):
+                continue
             logits = model(images).float()
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             n = torch.tensor(len(labels), device=device)
@@ -243,8 +212,7 @@ def train_rank(
 
     history = []
     for epoch in range(first, (cfg.stop_after_epoch or cfg.epochs) + 1):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        train_loader.generator.manual_seed(augment_seed(cfg, epoch, rank))  # reproducible
+        start_epoch(train_loader, epoch, cfg, rank)  # sampler.set_epoch: a new shuffle, same on all
         record = train_one_epoch(
             model, train_loader, criterion, optimizer, scheduler, device, epoch, cfg, rank, scaler
         )

@@ -34,6 +34,7 @@ def _config(dogs, **kw):
         lr=0.4,
         warmup_epochs=0.5,
         threads=1,
+        data_format="objects",
     )
     return TrainConfig(**{**base, **kw})
 
@@ -158,4 +159,17 @@ def _uneven_batches(*, rank, device):
 def test_an_unreadable_batch_on_one_rank_keeps_ranks_in_step(client):
     r0, r1 = ddp.run(client, _uneven_batches, timeout_s=60)
     assert (r0["seen"], r1["seen"]) == (12, 8)
+    assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-6)
+
+
+def test_two_ranks_train_from_uneven_shards_and_validate_every_image_once(client, dogs):
+    from helpers import shardwrite
+
+    url, options, _ = dogs
+    index = shardwrite.write_shards(url, options, shard_size=7)  # 32 train, 8 val: uneven
+    cfg = _config(dogs, epochs=1, data_format="shards", log_every=1)
+    r0, r1 = (h[-1] for h in ddp.run(client, train.train_rank, cfg, options))
+    val_split = index["splits"]["val"]["images"]
+    assert r0["val_images"] == r1["val_images"] == val_split  # padding never counted
+    assert r0["train_images"] == r1["train_images"] > 0  # the same number of steps on each rank
     assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-6)

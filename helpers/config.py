@@ -97,10 +97,12 @@ class InferenceConfig:
     checkpoint_url: str  # the folder notebook 04 wrote checkpoint.pt to
     images: str = "val"  # "val", "train" or "all"
     max_images: int = 400  # at most this many of them
-    keys_per_task: int = 50  # images per Dask task
+    keys_per_task: int = 50  # images per Dask task (per-object path; a shard is one task)
+    data_format: str = "auto"  # "objects", "shards", or "auto": shards where an index exists
 
     def __post_init__(self):
         _allowed("images", self.images, IMAGE_SETS)
+        _allowed("data_format", self.data_format, DATA_FORMATS)
         _at_least(self, ("max_images", "keys_per_task"), 1)
         if not self.checkpoint_url:
             raise ValueError(

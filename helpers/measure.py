@@ -12,6 +12,8 @@ from helpers import data, objects
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import pandas as pd
 
+    from helpers.config import TrainConfig
+
 STATS_DTYPES = {"key": str, "breed": str, "width": "int64", "height": "int64",
                 "red": "float32", "green": "float32", "blue": "float32"}  # fmt: skip
 
@@ -46,14 +48,22 @@ def time_loader(loader: Iterable, max_batches: int | None = None) -> dict:
     return {"images": n, "seconds": round(seconds, 2), "img_per_s": round(n / seconds, 1)}
 
 
+def training_loader(cfg: TrainConfig, options: dict | None) -> Iterable:
+    """One rank's training loader for ``cfg`` (its ``data_format``), as training builds it,
+    started at epoch 1: for measuring a data path outside a DDP job."""
+    import torch
+
+    from helpers.ddp import Rank
+    from helpers.loaders import make_loaders, start_epoch
+
+    alone = Rank(0, 1, 0, 1, "127.0.0.1", 0, "this process")
+    _, loader, _ = make_loaders(cfg, options, alone, torch.device("cpu"))
+    start_epoch(loader, 1, cfg, alone)
+    return loader
+
+
 def loader_throughput(
-    manifest: data.Manifest,
-    keys: Sequence[str],
-    options: dict | None,
-    image_size: int,
-    batch_size: int,
-    num_workers: int,
-    max_batches: int | None = None,
+    cfg: TrainConfig, options: dict | None, max_batches: int | None = None
 ) -> dict:
     """Build a training loader where this runs (e.g. inside a Dask worker) and time it."""
     import torch
@@ -61,8 +71,34 @@ def loader_throughput(
     threads = torch.get_num_threads()  # the setting outlives this task on a Dask worker
     torch.set_num_threads(1)  # the loader's processes do the work; keep this one light
     try:
-        ds = objects.make_dataset(manifest, keys, options, image_size, train=True)
-        loader = data.make_loader(ds, batch_size, num_workers, shuffle=True)
-        return time_loader(loader, max_batches)
+        return time_loader(training_loader(cfg, options), max_batches)
     finally:
         torch.set_num_threads(threads)
+
+
+def compare_formats(cfg: TrainConfig, options: dict | None) -> pd.DataFrame:
+    """One training epoch from objects and from shards, on the same server: img/s and the GET
+    requests the store answered, counted by a proxy in front of it (http endpoints only; the
+    count is missing for others)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from helpers.s3proxy import S3Proxy
+
+    endpoint = (options or {}).get("endpoint_url") or ""
+    proxy = S3Proxy(endpoint).start() if endpoint.startswith("http://") else None
+    through = {**(options or {}), "endpoint_url": proxy.url} if proxy else options
+    rows = []
+    try:
+        for fmt in ("objects", "shards"):
+            loader = training_loader(dataclasses.replace(cfg, data_format=fmt), through)
+            if proxy:
+                proxy.reset()  # count the epoch, not the manifest and index reads
+            timed = time_loader(loader)
+            gets = proxy.counts()["requests"].get("GET", 0) if proxy else float("nan")
+            rows.append({"format": fmt, **timed, "GET requests": gets})
+    finally:
+        if proxy:
+            proxy.stop()
+    return pd.DataFrame(rows).set_index("format")

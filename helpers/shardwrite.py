@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
 
-from helpers import data, storage
+from helpers import data, shards, storage
 from helpers.shards import (
     DEFAULT_SHARD_SIZE,
     FORMAT,
@@ -195,3 +195,17 @@ def _archive_key(name: str, images_tar) -> str:
             "Images/<wnid>-<breed>/<file>.jpg"
         )
     return "/".join(parts)
+
+
+def ensure_shards(
+    url: str, options: dict | None = None, *, val_fraction: float = 0.2, seed: int = 0
+) -> dict:
+    """The shard index of ``url``: the existing one when it was built from the current manifest
+    and split, else the shards written afresh (the demo's "make them if missing")."""
+    try:
+        index = shards.read_index(url, options)
+        shards.check_index(index, data.load_manifest(url, options), val_fraction, seed)
+        return index
+    except shards.ShardIndexError as err:
+        log.info("writing the shards of %s (%s)", url, str(err).split(";")[0])
+    return write_shards(url, options, val_fraction=val_fraction, seed=seed)

@@ -180,10 +180,10 @@ def test_dead_endpoint_in_a_loader_raises_a_clear_error(dogs):
 @pytest.mark.slow
 def test_loader_with_worker_processes_inside_a_dask_worker(dogs):
     from helpers.cluster import make_client
+    from helpers.config import TrainConfig
 
     url, options, manifest = dogs
+    cfg = TrainConfig(url, image_size=32, batch_size=8, loader_workers=2, data_format="objects")
     with make_client("local", n_workers=1) as client:
-        result = client.submit(
-            measure.loader_throughput, manifest, manifest.keys, options, 32, 8, 2, pure=False
-        ).result(timeout=120)
-    assert result["images"] == len(manifest.keys)
+        result = client.submit(measure.loader_throughput, cfg, options, pure=False).result(120)
+    assert result["images"] == len(data.split(manifest).train) // 8 * 8  # whole batches

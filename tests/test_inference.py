@@ -56,9 +56,8 @@ def test_model_is_built_once_per_worker_for_many_tasks(dogs, saved):
     with make_client("local", n_workers=2) as client:
         client.run(inference.warm, saved, options, url, manifest.keys[:2])  # one build each
         assert set(client.run(inference.builds).values()) == {1}
-        rows = inference.predict_on_cluster(
-            client, saved, options, url, manifest.keys, batch_size=4
-        )  # 10 tasks
+        work = inference.batches(manifest.keys, 4)  # 10 tasks
+        rows = inference.predict_on_cluster(client, saved, options, url, work)
         builds = client.run(inference.builds)
     assert len(rows) == len(manifest.keys)
     assert set(builds.values()) == {1}  # no task built its own
@@ -78,3 +77,17 @@ def test_incompatible_checkpoint_says_what_was_expected(tmp_path, saved):
     checkpoint.save(str(tmp_path / "wrong"), None, state)
     with pytest.raises(ValueError, match="does not fit a resnet18 with 5 classes"):
         checkpoint.cached_model(str(tmp_path / "wrong"))
+
+
+def test_predictions_from_shards_keep_the_original_keys(dogs, saved):
+    from helpers import shardwrite
+
+    url, options, manifest = dogs
+    index = shardwrite.ensure_shards(url, options)
+    first = index["splits"]["val"]["shards"][0]
+    rows = inference.predict(saved, options, url, first["name"])
+    assert len(rows) == first["images"] and {r["key"] for r in rows} <= set(manifest.keys)
+    by_keys = inference.predict(saved, options, url, [r["key"] for r in rows])
+    assert [r["probability"] for r in rows] == pytest.approx(
+        [r["probability"] for r in by_keys], abs=1e-5
+    )  # the same images, the same model: the same answer from either layout

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -166,17 +166,6 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
         val += ranked[:n_val]
         train += ranked[n_val:]
     return Split(tuple(sorted(train)), tuple(sorted(val)), "seeded")
-
-
-def chance(split: Split) -> dict:
-    """The accuracy of guessing: uniformly, and always naming the validation split's most common
-    class (the two differ when classes are unbalanced, as in the real Stanford Dogs)."""
-    counts = Counter(class_folder(k) for k in split.val)
-    n_classes = len({class_folder(k) for k in split.train} | set(counts))
-    return {
-        "chance (uniform)": 1 / n_classes,
-        "chance (majority class)": max(counts.values()) / len(split.val),
-    }
 
 
 def shard(keys: Sequence[str], rank: int, world_size: int) -> tuple[str, ...]:

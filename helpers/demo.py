@@ -11,6 +11,7 @@ order with its parameters, writes the executed copies and an HTML export of each
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -49,11 +50,31 @@ def run(
     return done
 
 
+# The demo fails unless the CNN reaches this multiple of the stronger of its baselines.
+BEAT = 1.5
+
+
+def check_claim(path: Path) -> str:
+    """Notebook 04's claim, read back; raises when the CNN did not beat the colour count and
+    chance clearly (``BEAT`` times the stronger), so a demo that stopped learning fails loudly."""
+    claim = json.loads(path.read_text())
+    cnn = claim["ResNet from scratch (validation top-1)"]
+    bar = max(v for k, v in claim.items() if not k.startswith("ResNet"))
+    line = ", ".join(f"{k} {v:.1%}" for k, v in claim.items())
+    if cnn < BEAT * bar:
+        raise RuntimeError(f"the CNN did not learn what colour and chance cannot: {line} "
+                           f"(needs {BEAT}x {bar:.1%}); see {path}")  # fmt: skip
+    return f"claim (04): {line}"
+
+
 def summary(build: Path) -> list[str]:
     """What the demo measured, read back from the files the notebooks wrote."""
     import pandas as pd
 
     lines = []
+    claim = build / "checkpoints" / "dogs" / "claim.json"
+    if claim.exists():
+        lines.append(check_claim(claim))
     metrics = build / "checkpoints" / "dogs" / "metrics.csv"
     if metrics.exists():
         last = pd.read_csv(metrics).query("kind == 'epoch'").iloc[-1]

@@ -2,8 +2,8 @@
 
 Two sources, one layout (``<prefix>/Images/<wnid>-<breed>/<wnid>_<n>.jpg``):
 
-- ``synthetic``: seeded, generated "dogs" with real Stanford folder names, each breed a learnable
-  visual signature (a shape and a hue) under noise, position, scale and colour jitter;
+- ``synthetic``: seeded, generated "dogs" with real Stanford folder names, each breed one big
+  silhouette (``helpers.synthetic``: a colour histogram guesses them at chance);
 - ``archive``: the official ``images.tar`` (and ``lists.tar``) from a local path.
 
 Command line::
@@ -16,152 +16,21 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import colorsys
-import io
 import logging
-import math
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import data, s3server, storage
+from helpers.synthetic import STANFORD_CLASSES, synthetic_image, synthetic_keys  # noqa: F401 - callers
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
-    import numpy as np
+    pass
 
 log = logging.getLogger(__name__)
 
 # Real Stanford Dogs class folders (WordNet id - breed), in the dataset's own order.
-STANFORD_CLASSES = (
-    "n02085620-Chihuahua",
-    "n02085782-Japanese_spaniel",
-    "n02085936-Maltese_dog",
-    "n02086079-Pekinese",
-    "n02086240-Shih-Tzu",
-    "n02086646-Blenheim_spaniel",
-    "n02086910-papillon",
-    "n02087046-toy_terrier",
-    "n02087394-Rhodesian_ridgeback",
-    "n02088094-Afghan_hound",
-    "n02088238-basset",
-    "n02088364-beagle",
-    "n02088466-bloodhound",
-    "n02088632-bluetick",
-    "n02089078-black-and-tan_coonhound",
-    "n02089867-Walker_hound",
-    "n02089973-English_foxhound",
-    "n02090379-redbone",
-    "n02090622-borzoi",
-    "n02090721-Irish_wolfhound",
-)
-SHAPES = ("ellipse", "square", "triangle", "star", "ring", "cross")
 UPLOAD_CHUNK = 128  # objects per concurrent PUT round
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
-    if shape == "triangle":
-        pts = [(1, a) for a in (0, 120, 240)]
-    elif shape == "star":
-        pts = [(1 if i % 2 == 0 else 0.45, i * 36) for i in range(10)]
-    elif shape == "cross":
-        w = 0.35
-        pts = [
-            (math.hypot(x, y), math.degrees(math.atan2(y, x)))
-            for x, y in (
-                (w, 1),
-                (w, w),
-                (1, w),
-                (1, -w),
-                (w, -w),
-                (w, -1),
-                (-w, -1),
-                (-w, -w),
-                (-1, -w),
-                (-1, w),
-                (-w, w),
-                (-w, 1),
-            )
-        ]
-    else:  # square
-        pts = [(1, a) for a in (45, 135, 225, 315)]
-    return [
-        (
-            cx + r * m * math.cos(math.radians(a + angle)),
-            cy + r * m * math.sin(math.radians(a + angle)),
-        )
-        for m, a in pts
-    ]
-
-
-def _draw(draw, shape: str, cx, cy, r, angle, color) -> None:
-    box = (cx - r, cy - r * 0.8, cx + r, cy + r * 0.8)
-    if shape == "ellipse":
-        draw.ellipse(box, fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=max(3, int(r * 0.3)))
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=color)
-
-
-def synthetic_image(label: int, n_classes: int, rng: np.random.Generator) -> bytes:
-    """One JPEG of class ``label``: its shape and hue on a noisy background, plus distractors."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
-
-    side = rng.integers(200, 501)
-    aspect = rng.uniform(0.7, 1.4)
-    w, h = int(side * math.sqrt(aspect)), int(side / math.sqrt(aspect))
-    # Background: a smooth low-saturation gradient plus sensor-like noise.
-    base = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.9)))
-    coarse = base + rng.normal(0, 0.12, (4, 4, 3))
-    bg = Image.fromarray((np.clip(coarse, 0, 1) * 255).astype("uint8")).resize(
-        (w, h), Image.BICUBIC
-    )
-    img = np.asarray(bg, dtype=np.int16) + rng.normal(0, 12, (h, w, 3)).astype(np.int16)
-    img = Image.fromarray(np.clip(img, 0, 255).astype("uint8"))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(1, 4)):  # grey distractors of any shape
-        g = int(rng.integers(60, 200))
-        _draw(
-            draw,
-            SHAPES[rng.integers(len(SHAPES))],
-            rng.uniform(0, w),
-            rng.uniform(0, h),
-            rng.uniform(0.05, 0.15) * min(w, h),
-            rng.uniform(0, 360),
-            (g, g, g),
-        )
-    hue = (label / n_classes + rng.normal(0, 0.015)) % 1.0
-    color = tuple(
-        int(c * 255) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1), rng.uniform(0.55, 1))
-    )
-    r = rng.uniform(0.18, 0.35) * min(w, h)
-    _draw(
-        draw,
-        SHAPES[label % len(SHAPES)],
-        rng.uniform(r, w - r),
-        rng.uniform(r, h - r),
-        r,
-        rng.uniform(0, 360),
-        color,
-    )
-    if rng.uniform() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=int(rng.integers(75, 96)))
-    return buf.getvalue()
-
-
-def synthetic_keys(n_breeds: int, per_breed: int) -> list[tuple[str, int]]:
-    if not 1 <= n_breeds <= len(STANFORD_CLASSES):
-        raise ValueError(f"n_breeds={n_breeds}; allowed: 1 to {len(STANFORD_CLASSES)}")
-    if per_breed < 2:
-        raise ValueError(f"images_per_breed={per_breed}; allowed: 2 or more")
-    out = []
-    for label, folder in enumerate(STANFORD_CLASSES[:n_breeds]):
-        wnid = folder.split("-")[0]
-        out += [(f"Images/{folder}/{wnid}_{10000 + i}.jpg", label) for i in range(per_breed)]
-    return out
 
 
 def write_synthetic(

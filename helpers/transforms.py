@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
     from PIL import Image
 
 
@@ -78,19 +79,29 @@ def eval_transform(image_size: int) -> Callable:
     )
 
 
-class ShufflePixels:
-    """Put a uint8 CHW tensor's pixels in a random order: the same colour histogram, no shape.
+def shuffle_pixels(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (uint8 ``(3, H, W)`` or ``(N, 3, H, W)``) with each image's pixels permuted.
 
-    The control experiment: a network that learns from these learned colour counts, not
-    spatial structure. Uses torch's global generator (seeded per loader worker).
+    The colour histogram of every image is kept exactly; every spatial structure is gone. Each
+    image gets its own permutation (``generator``: a ``torch.Generator`` for repeatability).
     """
+    import torch
 
-    def __call__(self, x):
-        import torch
+    batch = x if x.dim() == 4 else x[None]
+    n, c, h, w = batch.shape
+    order = torch.rand(n, h * w, generator=generator).argsort(1)
+    flat = batch.reshape(n, c, h * w)
+    out = flat.gather(2, order[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
+    return out if x.dim() == 4 else out[0]
 
-        c, h, w = x.shape
-        order = torch.randperm(h * w)
-        return x.reshape(c, h * w)[:, order].reshape(c, h, w)
+
+class ShufflePixels:
+    """The control run's last transform (:func:`shuffle_pixels`): a network that learns from
+    these images learned colour counts, not shapes. Uses torch's global generator, seeded per
+    loader process."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return shuffle_pixels(x)
 
 
 class Compose:

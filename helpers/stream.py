@@ -24,7 +24,7 @@ import itertools
 import logging
 import random
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from helpers import data, shardread, shards, storage, transforms
 from helpers.streamplan import (
@@ -268,7 +268,7 @@ def _blank(size: int):
 
 def make_shard_loader(
     dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 2
-):
+) -> DataLoader:
     """A DataLoader over a :class:`ShardStream`, batched at the stream's ``batch_size``.
 
     Workers are not persistent: each epoch's processes are forked from the stream as it is then,

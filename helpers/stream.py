@@ -274,8 +274,6 @@ def make_shard_loader(
     Workers are not persistent: each epoch's processes are forked from the stream as it is then,
     so :meth:`ShardStream.set_epoch` and :meth:`ShardStream.load_state_dict` reach them.
     """
-    from torch.utils.data import DataLoader
-
     dataset.num_workers = num_workers
     return DataLoader(
         dataset,

@@ -20,6 +20,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import storage
@@ -132,6 +133,16 @@ def read_mat_list(raw: bytes) -> list[str]:
 
     cells = loadmat(io.BytesIO(raw))["file_list"].ravel()  # (N, 1) cells of 1-element arrays
     return [str(np.asarray(c).ravel()[0]) for c in cells]
+
+
+def official_lists(lists_tar: str | Path) -> dict[str, tuple[bytes, list[str]]]:
+    """The official split in ``lists.tar``: ``"train"``/``"test"`` -> (the ``.mat`` file's bytes,
+    the keys it lists)."""
+    import tarfile
+
+    with tarfile.open(lists_tar) as tar:
+        raws = {name: tar.extractfile(f"{name}_list.mat").read() for name in ("train", "test")}
+    return {name: (raw, ["Images/" + f for f in read_mat_list(raw)]) for name, raw in raws.items()}
 
 
 @dataclass(frozen=True)

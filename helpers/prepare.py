@@ -123,12 +123,9 @@ def upload_archive(
     if not keys:
         raise ValueError(f"{images_tar}: no images in the archive")
     official = {}
-    if lists_tar:
-        with tarfile.open(lists_tar) as tar:
-            for name in ("train", "test"):
-                raw = tar.extractfile(f"{name}_list.mat").read()
-                fs.pipe_file(f"{root}/{name}_list.mat", raw)
-                official[name] = ["Images/" + f for f in data.read_mat_list(raw)]
+    for name, (raw, listed) in (data.official_lists(lists_tar) if lists_tar else {}).items():
+        fs.pipe_file(f"{root}/{name}_list.mat", raw)
+        official[name] = listed
     manifest = data.make_manifest(url, sorted(keys), official)
     data.write_manifest(manifest, options)
     log.info("uploaded %d images of %d breeds to %s", len(keys), len(manifest.classes), url)

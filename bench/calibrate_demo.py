@@ -82,9 +82,9 @@ def decoded(manifest, keys, options, image_size: int):
     """``keys`` fetched and decoded as validation sees them: uint8 ``(N, 3, S, S)`` and labels."""
     import torch
 
-    from helpers import data
+    from helpers import objects
 
-    ds = data.make_dataset(manifest, keys, options, image_size, train=False, on_error="raise")
+    ds = objects.make_dataset(manifest, keys, options, image_size, train=False, on_error="raise")
     images, labels = [], []
     for start in range(0, len(ds), 128):
         for _, x, y in ds.samples(list(range(start, min(start + 128, len(ds))))):
@@ -95,10 +95,23 @@ def decoded(manifest, keys, options, image_size: int):
 
 def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
     """One run: data, colour baselines, DDP training; the record (without the environment)."""
-    from helpers import baseline, cluster, data, ddp, prepare, storage, train
+    from helpers import (
+        baseline,
+        cluster,
+        data,
+        ddp,
+        prepare,
+        s3server,
+        shardwrite,
+        synthetic,
+        train,
+    )
+    from helpers.config import TrainConfig
+
+    synthetic.SHAPE_AREA = tuple(settings["shape_area"])
 
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="calibrate_") as tmp, storage.EmbeddedS3(tmp) as s3:
+    with tempfile.TemporaryDirectory(prefix="calibrate_") as tmp, s3server.EmbeddedS3(tmp) as s3:
         options = s3.storage_options
         url = "s3://dogs/synthetic"
         t = time.perf_counter()
@@ -116,7 +129,9 @@ def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
         timings["baseline_s"] = time.perf_counter() - t
         log.info("colour baselines %s, chance %s", _pct(colour), _pct(chance))
 
-        cfg = train.TrainConfig(
+        if settings["data_format"] == "shards":
+            shardwrite.write_shards(url, options, seed=settings["seed"])
+        cfg = TrainConfig(
             data_url=url,
             arch="resnet50",
             image_size=settings["image_size"],
@@ -129,6 +144,7 @@ def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
             threads=1,
             checkpoint_url=str(Path(tmp) / "checkpoint"),
             shuffle_pixels=settings["shuffle_pixels"],
+            data_format=settings["data_format"],
         )
         t = time.perf_counter()
         with cluster.make_client("local", WORLD_SIZE) as client:
@@ -209,6 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="split and initial weights")
     parser.add_argument("--data-seed", type=int, default=0, help="the generated images")
     parser.add_argument("--shuffle-pixels", action="store_true", help="the colour-only control")
+    parser.add_argument("--shape-area", type=float, nargs=2, default=[0.08, 0.2],
+                        help="helpers.synthetic.SHAPE_AREA for the generated images")  # fmt: skip
+    parser.add_argument("--data-format", default="objects", choices=["objects", "shards"])
     parser.add_argument("--note", default="", help="a word on why this run was made")
     parser.add_argument("--report", action="store_true", help="print the recorded runs, exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file of runs")
@@ -238,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "data_seed": args.data_seed,
         "shuffle_pixels": args.shuffle_pixels,
+        "shape_area": args.shape_area,
+        "data_format": args.data_format,
         "arch": "resnet50",
         "loader_workers": 1,
         "threads": 1,

@@ -55,6 +55,8 @@ SHAPES = (
 )
 
 Points = list[tuple[float, float]]
+# The shape's area as a share of the short side squared, drawn uniformly: the same for every class.
+SHAPE_AREA = (0.08, 0.2)
 
 
 def _circle(r: float = 1.0, dx: float = 0.0, n: int = 48) -> Points:
@@ -167,7 +169,7 @@ def synthetic_image(label: int, n_classes: int, rng: np.random.Generator) -> byt
     # from the background's so the outline is always visible.
     shape = SHAPES[label % len(SHAPES)]
     unit_area, reach = _unit_geometry(shape)
-    r = s * math.sqrt(rng.uniform(0.08, 0.2) / unit_area)
+    r = s * math.sqrt(rng.uniform(*SHAPE_AREA) / unit_area)
     margin = max(0.0, 0.47 * s - r * reach)
     cx, cy = w / 2 + rng.uniform(-margin, margin), h / 2 + rng.uniform(-margin, margin)
     angle, squash = rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.0)

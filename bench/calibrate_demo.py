@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="split and initial weights")
     parser.add_argument("--data-seed", type=int, default=0, help="the generated images")
     parser.add_argument("--shuffle-pixels", action="store_true", help="the colour-only control")
-    parser.add_argument("--shape-area", type=float, nargs=2, default=[0.08, 0.2],
+    parser.add_argument("--shape-area", type=float, nargs=2, default=[0.2, 0.35],
                         help="helpers.synthetic.SHAPE_AREA for the generated images")  # fmt: skip
     parser.add_argument("--data-format", default="objects", choices=["objects", "shards"])
     parser.add_argument("--note", default="", help="a word on why this run was made")

@@ -37,9 +37,9 @@ class TrainConfig:
     data_url: str  # the folder holding Images/ (and manifest.json)
     arch: str = "resnet50"  # "resnet50" or "resnet18" (quicker); always from scratch
     image_size: int = 64  # training resolution; 224 is the usual GPU choice
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 16  # per rank: the global batch is batch_size x ranks
-    lr: float = 0.1  # for a global batch of 256, scaled linearly to the real one
+    lr: float = 0.2  # for a global batch of 256, scaled linearly to the real one
     momentum: float = 0.9
     weight_decay: float = 5e-5
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero

@@ -8,7 +8,7 @@ Two sources, one layout (``<prefix>/Images/<wnid>-<breed>/<wnid>_<n>.jpg``):
 
 Command line::
 
-    python -m helpers.prepare synthetic s3://dogs/synthetic --endpoint embedded
+    python -m helpers.prepare synthetic s3://dogs/silhouettes --endpoint embedded
     python -m helpers.prepare archive images.tar s3://my-bucket/stanford-dogs --lists lists.tar
     python -m helpers.prepare shards s3://my-bucket/stanford-dogs        # tar shards of it
 """

@@ -56,7 +56,7 @@ SHAPES = (
 
 Points = list[tuple[float, float]]
 # The shape's area as a share of the short side squared, drawn uniformly: the same for every class.
-SHAPE_AREA = (0.08, 0.2)
+SHAPE_AREA = (0.2, 0.35)
 
 
 def _circle(r: float = 1.0, dx: float = 0.0, n: int = 48) -> Points:

@@ -165,7 +165,7 @@ def train_pass(client, cfg: TrainConfig, options: dict) -> dict:
     windows = [(e["time"] - e["epoch_s"], e["time"]) for e in timed]
     util = [g["util"] for g in watch.gpu if any(a <= g["time"] <= b for a, b in windows)]
     return {
-        "img_per_s": round(sum(e["train_images"] * e["world_size"] for e in timed) / seconds, 1),
+        "img_per_s": round(sum(e["train_images"] * e["world_size"] for e in timed) / seconds, 3),
         "data_wait": round(sum(e["data_wait"] * e["epoch_s"] for e in timed) / seconds, 4),
         "gpu_util": round(sum(util) / len(util), 1) if util else None,
         "gpu_samples": len(util),

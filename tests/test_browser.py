@@ -339,6 +339,10 @@ def notebook_copy():
     yield make
     for path in made:
         path.unlink(missing_ok=True)
+        checkpoints = path.parent / ".ipynb_checkpoints"  # what JupyterLab's save left
+        (checkpoints / f"{path.stem}-checkpoint.ipynb").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            checkpoints.rmdir()  # only when empty: never someone else's checkpoints
 
 
 # --- the tests ---------------------------------------------------------------------------------

@@ -24,11 +24,19 @@ $(STAMP): pyproject.toml kernel/pyproject.toml kernel/kernel.json
 	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1; } || \
 	  echo "note: Graphviz's 'dot' is missing: notebook 01 will describe task graphs in words"
+	@# tests/test_browser.py drives JupyterLab in Debian's Chromium through Selenium's chromedriver.
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
+	  echo "note: no chromium/chromedriver: tests/test_browser.py will skip"
 	touch $(STAMP)
 
+# jupyter/jupyter_server_config.py: on a hub or Binder, the Dask dashboard link goes through the hub's
+# proxy. Root (a container) needs --allow-root. The Dask and GPU panels come with `make install`.
 lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebooks' ../img resolves)
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
-	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb
+	$(BIN)/jupyter lab --config="$(CURDIR)/jupyter/jupyter_server_config.py" \
+	  --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
+	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3server serve --dir .s3data

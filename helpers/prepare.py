@@ -19,37 +19,42 @@ import argparse
 import logging
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from helpers import data, s3server, storage
+from helpers.progress import Callback, progress
 from helpers.synthetic import STANFORD_CLASSES, synthetic_image, synthetic_keys  # noqa: F401 - callers
-
-if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
-    pass
 
 log = logging.getLogger(__name__)
 
-# Real Stanford Dogs class folders (WordNet id - breed), in the dataset's own order.
 UPLOAD_CHUNK = 128  # objects per concurrent PUT round
 
 
 def write_synthetic(
-    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+    url: str,
+    options: dict | None = None,
+    n_breeds: int = 10,
+    per_breed: int = 200,
+    seed: int = 0,
+    callback: Callback | None = None,
 ) -> data.Manifest:
-    """Generate the synthetic dataset under ``url`` (deterministic for a seed) and its manifest."""
+    """Generate the synthetic dataset under ``url`` (deterministic for a seed) and its manifest.
+
+    Progress (images uploaded): a notebook bar or log lines, and ``callback(done, total)``."""
     import numpy as np
 
     keys = synthetic_keys(n_breeds, per_breed)
     _ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
-    for start in range(0, len(keys), UPLOAD_CHUNK):
-        chunk = keys[start : start + UPLOAD_CHUNK]
-        blobs = {}
-        for key, label in chunk:
-            rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
-            blobs[f"{root}/{key}"] = synthetic_image(label, n_breeds, rng)
-        fs.pipe(blobs)  # concurrent PUTs
+    with progress(len(keys), f"synthetic {url}", callback, unit="img") as bar:
+        for start in range(0, len(keys), UPLOAD_CHUNK):
+            chunk = keys[start : start + UPLOAD_CHUNK]
+            blobs = {}
+            for key, label in chunk:
+                rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
+                blobs[f"{root}/{key}"] = synthetic_image(label, n_breeds, rng)
+            fs.pipe(blobs)  # concurrent PUTs
+            bar.update(len(chunk))
     manifest = data.make_manifest(url, [k for k, _ in keys], {})
     data.write_manifest(manifest, options)
     log.info("wrote %d synthetic images of %d breeds to %s", len(keys), n_breeds, url)
@@ -57,7 +62,12 @@ def write_synthetic(
 
 
 def ensure_synthetic(
-    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 200, seed: int = 0
+    url: str,
+    options: dict | None = None,
+    n_breeds: int = 10,
+    per_breed: int = 200,
+    seed: int = 0,
+    callback: Callback | None = None,
 ) -> data.Manifest:
     """The dataset at ``url``: reuse what is there, generate it only if nothing is."""
     try:
@@ -65,7 +75,7 @@ def ensure_synthetic(
     except storage.StorageError as err:
         if "does not exist" not in str(err) and "nothing stored" not in str(err):
             raise
-        return write_synthetic(url, options, n_breeds, per_breed, seed)
+        return write_synthetic(url, options, n_breeds, per_breed, seed, callback)
     if len(manifest.classes) != n_breeds or len(manifest.keys) != n_breeds * per_breed:
         log.warning(
             "%s already holds %d images of %d breeds; using them as they are",
@@ -96,13 +106,17 @@ def upload_archive(
     url: str,
     options: dict | None = None,
     lists_tar: str | Path | None = None,
+    callback: Callback | None = None,
 ) -> data.Manifest:
-    """Stream the official ``images.tar`` (and ``lists.tar``) into ``url`` in the same layout."""
+    """Stream the official ``images.tar`` (and ``lists.tar``) into ``url`` in the same layout.
+
+    Progress (images uploaded, of 20,580 for the official archive): ``callback(done, 0)``."""
     _ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
     keys, blobs = [], {}
-    with tarfile.open(images_tar, mode="r|*") as tar:  # streamed: 750 MB never sits in memory
+    bar = progress(0, f"upload {url}", callback, unit="img")  # streamed: the count is unknown
+    with bar, tarfile.open(images_tar, mode="r|*") as tar:  # 750 MB never sits in memory
         for member in tar:
             if not member.isfile():
                 continue
@@ -117,9 +131,11 @@ def upload_archive(
             keys.append(key)
             if len(blobs) >= UPLOAD_CHUNK:
                 fs.pipe(blobs)
+                bar.update(len(blobs))
                 blobs = {}
-    if blobs:
-        fs.pipe(blobs)
+        if blobs:
+            fs.pipe(blobs)
+            bar.update(len(blobs))
     if not keys:
         raise ValueError(f"{images_tar}: no images in the archive")
     official = {}

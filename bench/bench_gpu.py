@@ -403,7 +403,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, str]:
     return {k: v for k, v in args.items() if k != "json"}, args["json"]
 
 
+def to_record(result: dict) -> dict:
+    """The benchmark record (``bench/record.py``); targets only on a GPU (they are for one)."""
+    import record
+
+    passes = [{"pipeline": name, **r} for name, r in result["pipelines"].items()]
+    t = result.get("targets", {})
+    targets = [
+        record.target("real JPEGs img/s", t[k]["value"], ">=", t[k]["target"])
+        if k == "real_img_per_s"
+        else record.target("real / synthetic tensors img/s", t[k]["value"], ">=", t[k]["target"])
+        for k in t
+    ]
+    notes = [] if t else ["no GPU: the targets apply to one GPU, none are judged here"]
+    results = {k: result[k] for k in ("device", "dataset_images", "ratio")}
+    return record.build("bench_gpu", result["config"], passes, targets, results, notes)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import record
+
     overrides, json_path = parse_args(argv)
     start = time.perf_counter()
     result = run(**overrides)
@@ -411,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result), flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
+    print(f"record: {record.write(to_record(result))}")
 
 
 if __name__ == "__main__":

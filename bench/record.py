@@ -209,7 +209,7 @@ def table(records: dict[str, tuple[Path, dict]], root: Path = ROOT) -> str:
     ]
     for name in sorted(records):
         path, rec = records[name]
-        rel = path.resolve().relative_to(root.resolve()).as_posix()
+        rel = Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
         for t in rec["targets"]:
             met = "yes" if t["met"] else "**no**"
             lines.append(
@@ -232,7 +232,7 @@ def report(readme: Path = README, directory: Path = RESULTS, check: bool = False
     """Regenerate the README table from the records; with ``check``, only compare. True when
     the README already said (or now says) what the records say."""
     text = readme.read_text()
-    new = splice(text, table(newest(directory)))
+    new = splice(text, table(newest(directory), readme.parent))
     if check or new == text:
         return new == text
     readme.write_text(new)

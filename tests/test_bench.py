@@ -34,7 +34,7 @@ def test_loading_benchmark_records_every_contender_and_its_ratios_move(tmp_path)
     assert {p["contender"] for p in rec["passes"]} == set(bench.KEYS)
     assert all(p["images"] > 0 and p["seconds"] > 0 for p in rec["passes"])
     names = {t["name"] for t in rec["targets"]}
-    assert {f"{n}, draft off" for n, *_ in bench.RATIOS} <= names
+    assert {f"{n}, draft off" for n, *_ in bench.rt.RATIOS} <= names
     assert {"met", "value", "target", "op"} <= set(rec["targets"][0])
     label = "shards / local-disk ImageFolder, draft on"
     before = rec["results"]["ratios"][label]["median"]

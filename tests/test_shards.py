@@ -323,3 +323,15 @@ def test_an_epoch_gets_each_shard_once_and_no_image(sharded, s3):
     shard_paths = {p for p in gets if p.endswith(".tar")}
     assert len(shard_paths) == len(index["splits"]["train"]["shards"])
     assert set(gets.values()) == {1} and len(gets) == len(shard_paths) + 1  # + index.json
+
+
+def test_a_failed_presigned_get_falls_back_to_the_s3_client(sharded):
+    import time
+
+    url, options, manifest, _ = sharded
+    ds = _stream(url, options, manifest)
+    assert set(ds._signed["urls"]) == set(ds.names)  # signed in this process
+    ds.presign = False  # keep these (refused) URLs: every shard must come through s3fs instead
+    ds._signed = {"at": time.time(), "urls": {n: "http://127.0.0.1:9/refused" for n in ds.names}}
+    real = [k for b in _epoch(ds, num_workers=1) for k, pad in b if not pad]
+    assert sorted(real) == sorted(data.split(manifest, 0.2, 0).train)

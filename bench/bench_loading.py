@@ -82,10 +82,12 @@ def counting_pass(c: cn.Contender, draft: bool, upstream: str) -> dict:
         result = time_pass(c.build(proxy.url, draft))
         counts = proxy.counts()
         log.debug("%s requests: %s", c.key, list(proxy.log))
+        shard_gets = sum(1 for m, path in proxy.log if m == "GET" and path.endswith(".tar"))
     gets = counts["requests"].get("GET", 0)
     return {
         **result,
         "requests": counts["requests"],
+        "shard_gets": shard_gets,
         "bytes_out": counts["bytes_out"],
         "gets_per_image": round(gets / max(1, result["images"]), 3),
     }

@@ -104,7 +104,7 @@ def targets(
             elif col == "off" and (num in errors or den in errors):
                 why = "; ".join(f"{k} failed: {errors[k]}" for k in (num, den) if k in errors)
                 out.append(record.target(label, None, ">=", goal, why))
-    gets = counted.get("shards", {}).get("requests", {}).get("GET")
+    gets = counted.get("shards", {}).get("shard_gets")  # not the index, read once per run
     out.append(
         record.target(
             f"GETs per epoch, shard path ({n_shards} shards, {workers} loader processes)",

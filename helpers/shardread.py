@@ -48,12 +48,22 @@ class Prefetcher:
 
     ``signed`` (:func:`presign`): shards with a fresh presigned URL are read by plain HTTP; a
     failed one (expired, refused) is read again through the S3 client, as the rest are.
+    ``depth=0``: no thread, each shard GET only when the reader asks for it. ``cache``: shards
+    found there are not fetched; the first shard fetched is kept there (the padding at the end
+    of an epoch repeats a process's first samples: one shard, not another GET).
     """
 
     def __init__(
-        self, url: str, options: dict, names: list[str], depth: int, signed: dict | None = None
+        self,
+        url: str,
+        options: dict,
+        names: list[str],
+        depth: int,
+        signed: dict | None = None,
+        cache: dict | None = None,
     ):
-        self.url, self.options, self.names = url, options, names
+        self.url, self.options, self.names, self.depth = url, options, names, depth
+        self.cache = cache
         fresh = signed and time.time() - signed["at"] < SIGNED_FOR_S - 600
         self.signed: dict[str, str] = signed["urls"] if fresh else {}
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
@@ -61,27 +71,37 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
 
     def __enter__(self) -> Prefetcher:
-        self.thread.start()
+        if self.depth > 0:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()  # the thread ends after the GET in flight; nobody waits for it
 
     def __iter__(self):
-        for _ in self.names:
-            yield self.queue.get()
+        for name in self.names:
+            yield self.queue.get() if self.depth > 0 else (name, self._get(name))
+
+    def _get(self, name: str):
+        """The shard's bytes (or the exception): cache, presigned URL, else the S3 client."""
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        item = self._signed_get(name)
+        if item is None:
+            root = storage.split_url(self.url)[1]
+            try:
+                item = storage.filesystem(self.url, self.options).cat_file(f"{root}/{name}")
+            except Exception as err:  # noqa: BLE001 - handed to the reader, who names it
+                return err
+        if self.cache is not None and not self.cache:
+            self.cache[name] = item
+        return item
 
     def _run(self) -> None:
-        root = storage.split_url(self.url)[1]
         for name in self.names:
             if self.stop.is_set():
                 return
-            item = self._signed_get(name)
-            if item is None:
-                try:
-                    item = storage.filesystem(self.url, self.options).cat_file(f"{root}/{name}")
-                except Exception as err:  # noqa: BLE001 - handed to the reader, who names it
-                    item = err
+            item = self._get(name)
             while not self.stop.is_set():
                 try:
                     self.queue.put((name, item), timeout=0.2)
@@ -113,13 +133,15 @@ def raw_samples(
     warn: bool,
     rebuild: str,
     signed: dict | None = None,
+    cache: dict | None = None,
 ) -> Iterator[tuple[str, bytes, int, str]]:
     """``(key, image bytes, label, shard)`` of samples ``[first, end)`` of each ``(shard name,
     first, end)`` in ``parts``, shards GET whole ``prefetch`` ahead. Bad shards and members are
     skipped (and, with ``warn``, counted in ``stats`` and logged naming ``rebuild``).
-    ``signed``: presigned URLs (:func:`presign`) to GET the shards by."""
+    ``signed``: presigned URLs (:func:`presign`) to GET the shards by; ``cache``: see
+    :class:`Prefetcher`."""
     names = [name for name, _, _ in parts]
-    with Prefetcher(where, options, names, prefetch, signed) as fetched:
+    with Prefetcher(where, options, names, prefetch, signed, cache) as fetched:
         for (_, first, end), (name, blob) in zip(parts, fetched, strict=True):
             url = storage.join(where, name)
             if isinstance(blob, BaseException):

@@ -195,9 +195,10 @@ class ShardStream(IterableDataset):
         self.stats = stats = dict.fromkeys(
             ("samples", "padding", "corrupt", "missing_shards", "damaged_shards"), 0
         )
-        parts = [self._decoded(ranges, worker, stats, warn=True)]
+        cache: dict = {}  # the first shard, for the padding
+        parts = [self._decoded(ranges, worker, stats, warn=True, cache=cache)]
         if self.train:  # then repeat samples until the quota is met: see _padding
-            parts.append(self._padding(ranges, worker, stats))
+            parts.append(self._padding(ranges, worker, stats, cache))
         produced = 0
         for key, img, label, padding in itertools.chain(*parts) if quota else ():
             if produced >= skip:
@@ -220,7 +221,7 @@ class ShardStream(IterableDataset):
         x = self.transform(img)
         return (x, label, key, padding) if self.with_keys else (x, label)
 
-    def _decoded(self, ranges, worker: int, stats: dict, warn: bool, padding: bool = False):
+    def _decoded(self, ranges, worker, stats: dict, warn: bool, padding=False, cache=None):
         """``(key, image, label, padding)`` of the samples in ``ranges``, decoded, in this
         process's deterministic order (seeded by seed, epoch, rank and process)."""
         raw = shardread.raw_samples(
@@ -228,13 +229,14 @@ class ShardStream(IterableDataset):
             self.options,
             [(self.names[i], first, end) for i, first, end in ranges],
             classes=len(self.classes),
-            prefetch=self.prefetch,
+            prefetch=0 if padding else self.prefetch,  # padding: a few samples, fetched lazily
             stats=stats,
             warn=warn,
             rebuild=shards.rebuild_command(self.url),
             signed=self._signed,
+            cache=cache,
         )
-        if self.train and self.shuffle_buffer > 1:
+        if self.train and self.shuffle_buffer > 1 and not padding:  # padding: as stored
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for key, blob, label, shard in raw:
@@ -247,7 +249,7 @@ class ShardStream(IterableDataset):
                 continue
             yield key, img, label, padding
 
-    def _padding(self, ranges, worker: int, stats: dict):
+    def _padding(self, ranges, worker: int, stats: dict, cache: dict | None = None):
         """Samples to repeat once the process's own run out: its own again, in the same order;
         if it has none (a tiny split over many processes, all its shards missing), its rank's,
         else any. Endless: the caller stops at the quota."""
@@ -257,7 +259,7 @@ class ShardStream(IterableDataset):
             got = True
             while got:
                 got = False
-                for item in self._decoded(source, worker, stats, warn=False, padding=True):
+                for item in self._decoded(source, worker, stats, False, True, cache):
                     got = True
                     yield item
         raise storage.StorageError(

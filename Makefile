@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lab s3 bench bench-gpu sweep lint format clean
+.PHONY: demo test install lab s3 bench bench-loading bench-ddp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.demo
@@ -41,12 +41,20 @@ lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebook
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3server serve --dir .s3data
 
-bench: $(STAMP)  ## CPU benchmarks: data loading (vs ImageFolder, dask-pytorch-ddp), DDP launch (vs torchrun)
-	$(BIN)/python bench/bench_loading.py
+bench: bench-loading bench-ddp bench-report  ## CPU benchmarks, each writing a record to bench/results/
+
+bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder and the peers (2 runs)
+	$(BIN)/python bench/bench_loading.py --images photos
+	$(BIN)/python bench/bench_loading.py --images synthetic
+
+bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
 	$(BIN)/python bench/bench_ddp.py
 
 bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
 	$(BIN)/python bench/bench_gpu.py
+
+bench-report: $(STAMP)  ## rebuild README.md's benchmark table from the newest records
+	$(BIN)/python bench/record.py report
 
 sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
 	$(BIN)/python -m helpers.sweep --workers 1 2

@@ -60,11 +60,11 @@ sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
 	$(BIN)/python -m helpers.sweep --workers 1 2
 
 lint: $(STAMP)
-	$(BIN)/ruff check helpers tests bench notebooks
-	$(BIN)/ruff format --check helpers tests bench notebooks
+	$(BIN)/ruff check helpers tests bench notebooks jupyter
+	$(BIN)/ruff format --check helpers tests bench notebooks jupyter
 
 format: $(STAMP)
-	$(BIN)/ruff format helpers tests bench notebooks
+	$(BIN)/ruff format helpers tests bench notebooks jupyter
 
 clean:
 	rm -rf build .pytest_cache

@@ -195,6 +195,26 @@ def append(record: dict[str, Any], path: Path = RESULTS) -> None:
     tmp.replace(path)
 
 
+def _num(value: float | None, scale: float) -> str:
+    if value is None:
+        return "-"
+    return f"{scale * value:.0f}" if scale == 1 else f"{scale * value:.1f}"
+
+
+def _top1(run: dict[str, Any]) -> list[float]:
+    """Validation top-1 per epoch: measured, else as read from a stopped run's checkpoints."""
+    if "val_top1" in run:
+        return run["val_top1"]
+    return [e["val_top1"] for e in run.get("epochs_read_from_checkpoints", [])]
+
+
+def _verdict(run: dict[str, Any]) -> str:
+    """``all`` targets met, ``MISS``, or ``stopped`` for a run that did not finish."""
+    if "status" in run:
+        return "stopped"
+    return "all" if all(run["targets"].values()) else "MISS"
+
+
 def report(path: Path = RESULTS) -> str:
     """One line per recorded run: settings, seconds, top-1 per epoch, colour best, targets."""
     lines = [
@@ -203,13 +223,14 @@ def report(path: Path = RESULTS) -> str:
     ]
     for i, r in enumerate(json.loads(path.read_text())["runs"], 1):
         s = r["settings"]
-        epochs = " ".join(f"{100 * v:.0f}" for v in r["val_top1"])
+        epochs = " ".join(f"{100 * v:.0f}" for v in _top1(r))
         lines.append(
-            f"{i:>2} {r['environment']['commit']:<8} {s['image_size']:>4} "
+            f"{i:>2} {r['environment']['commit'][:8]:<8} {s['image_size']:>4} "
             f"{s['images_per_breed']:>4} {s['epochs']:>3} {s['batch_size']:>3} {s['lr']:>5} "
             f"{s['warmup_epochs']:>4} {s['seed']:>4} {'yes' if s['shuffle_pixels'] else 'no':>4} "
-            f"{r['seconds']['train_s']:>7.0f} {100 * r['colour_baseline']['best']:>5.1f}% "
-            f"{epochs:<40} {'all' if all(r['targets'].values()) else 'MISS'}"
+            f"{_num(r.get('seconds', {}).get('train_s'), 1):>7} "
+            f"{_num((r.get('colour_baseline') or {}).get('best'), 100):>5}% {epochs:<40} "
+            f"{_verdict(r)}"
         )
     return "\n".join(lines)
 

@@ -70,9 +70,9 @@ def check_claim(path: Path, strict: bool = True) -> str:
     return f"claim (04): {line}"
 
 
-def summary(build: Path, strict: bool = False) -> list[str]:
+def summary(build: Path, strict: bool = True) -> list[str]:
     """What the demo measured, read back from the files the notebooks wrote (``strict``: raise
-    when notebook 04's network did not beat its baselines)."""
+    when notebook 04's network did not beat its baselines; else a WARNING line)."""
     import pandas as pd
 
     lines = []
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-html", action="store_true")
     parser.add_argument(
-        "--strict", action="store_true",
-        help="fail when notebook 04's CNN did not beat the colour baseline and chance",
+        "--warn-only", action="store_true",
+        help="print a WARNING instead of failing when notebook 04's CNN did not beat the colour "
+        "baseline and chance (for runs shorter than the demo's, e.g. -p epochs=2)",
     )  # fmt: skip
     parser.add_argument(
         "--sweep",
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for path in done:
         print(f"  {path.name}")
-    for line in summary(out_dir.parent, args.strict):
+    for line in summary(out_dir.parent, strict=not args.warn_only):
         print(line)
 
 

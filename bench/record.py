@@ -169,6 +169,8 @@ def newest(directory: str | Path = RESULTS) -> dict[str, tuple[Path, dict]]:
     out: dict[str, tuple[Path, dict]] = {}
     for path in sorted(Path(directory).glob("*.json")):
         rec = json.loads(path.read_text())
+        if "runs" in rec and "benchmark" not in rec:
+            continue  # a log of runs (calibration.json): its summary record is in the table
         if "benchmark" not in rec or "targets" not in rec:
             raise ValueError(f"{path} is not a benchmark record (no 'benchmark' or 'targets')")
         have = out.get(rec["benchmark"])

@@ -85,3 +85,40 @@ def test_ddp_benchmark_compares_both_launchers():
     result = bench.run(steps=2, warmup=1, repeats=1)
     assert {"dask", "torchrun"} <= set(result["best"])
     assert len(bench.to_record(result)["targets"]) == 2
+
+
+def test_readme_table_says_what_the_committed_records_say():
+    record = _load("record")
+    assert record.report(check=True), "README's benchmark table is stale: run make bench-report"
+
+
+def test_demo_accuracy_record_checks_every_claim_against_its_runs():
+    acc = _load("demo_accuracy")
+
+    def run(seed, fmt, top1, shuffle=False, train_s=300.0):
+        return {"environment": {"commit": "abc"}, "val_top1": [0.1, top1],
+                "settings": acc.DEMO | {"seed": seed, "data_format": fmt,
+                                        "shuffle_pixels": shuffle},
+                "chance": {"uniform": 0.1}, "colour_baseline": {"best": 0.11},
+                "seconds": {"train_s": train_s}, "load_avg_1min": {}}  # fmt: skip
+
+    runs = [run(s, f, 0.35 + s / 100) for s in range(3) for f in ("shards", "objects")]
+    runs += [run(0, "shards", 0.12, shuffle=True), run(0, "objects", 0.9) | {"status": "stopped"}]
+    runs += [{**run(5, "shards", 0.9), "settings": acc.DEMO | {"epochs": 3, "seed": 5}}]
+    done = acc.passes(acc.demo_runs(runs))
+    assert len(done) == 7  # the stopped run and the other setting are not the demo's
+    met = {t["name"]: t["met"] for t in acc.targets(done)[0]}
+    assert all(met.values()), met
+    worse = done[:-1] + [done[-1] | {"top1_over_chance": 2.0}]  # the control learned
+    assert not all(t["met"] for t in acc.targets(worse)[0])
+    low = [p | {"top1_over_chance": 2.5} if p["data_format"] == "shards" else p for p in done]
+    assert not {t["name"]: t["met"] for t in acc.targets(low)[0]}[
+        "ResNet-50 top-1 / chance, worst seed, shards (the demo's path)"
+    ]
+    gap = [p | {"val_top1": p["val_top1"] + 0.2} if p["data_format"] == "shards" else p
+           for p in done]  # fmt: skip
+    assert not {t["name"]: t["met"] for t in acc.targets(gap)[0]}[
+        "|mean top-1 shards - objects| / seed spread"
+    ]
+    few = [p for p in done if p["seed"] == 0]
+    assert not all(t["met"] for t in acc.targets(few)[0])

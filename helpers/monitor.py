@@ -122,9 +122,20 @@ class Monitor:
     ) -> Any:
         """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done.
 
-        ``job`` is a ``concurrent.futures.Future`` (:func:`helpers.ddp.start`); returns its
-        result, raising its error.
+        ``job`` is a :class:`helpers.job.Job` (:func:`helpers.ddp.start`) or a
+        ``concurrent.futures.Future``; returns its result, raising its error. Interrupting the
+        cell (Jupyter's stop button: KeyboardInterrupt) cancels the job: every rank stops and
+        the cluster is free again within seconds.
         """
+        try:
+            return self._follow(job, refresh_s, gpus, draw)
+        except KeyboardInterrupt:
+            if hasattr(job, "stop"):  # a Job: stop its ranks, not only this cell
+                log.warning("interrupted: cancelling the job")
+                job.cancel()
+            raise
+
+    def _follow(self, job, refresh_s: float, gpus: bool, draw) -> Any:
         from IPython.display import display
 
         handle = display(None, display_id=True) if draw else None

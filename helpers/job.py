@@ -1,0 +1,194 @@
+"""A DDP job's life on the client: watch its ranks, stop them, say why it failed, restart it.
+
+:class:`Job` is what :func:`helpers.ddp.start` returns: a ``concurrent.futures.Future``'s
+``result()``/``done()``/``exception()``, plus ``cancel()`` that really stops the ranks
+(:mod:`helpers.rankctl` says how) and ``restarts``, one record per automatic restart.
+:func:`supervise` watches one attempt: the failing rank's own error, a dead worker, a hung rank;
+:func:`restart_cause` says which errors a restart can fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from helpers import rankctl, storage
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 3.0  # a rank that ignores its stop this long is ended by restarting its worker
+# Errors a rank raises because *another* rank failed: reported only if nothing better exists.
+SECONDARY = ("connection closed", "connection reset", "broken pipe", "process group",
+             "distbackenderror", "gloo", "nccl", "timed out", "peer", "stopped")  # fmt: skip
+
+
+class WorkerLost(RuntimeError):
+    """A rank's worker process died (killed, out of memory, crashed): a restart can fix it."""
+
+
+class RankHung(RuntimeError):
+    """A rank stopped making progress (no heartbeat for ``hang_s``): a restart can fix it."""
+
+
+class Job:
+    """A running DDP job: a ``concurrent.futures.Future`` of its results, and ``cancel()``."""
+
+    def __init__(self) -> None:
+        self.future: Future = Future()
+        self.stop = threading.Event()
+        self.restarts: list[dict] = []  # one record per automatic restart, with its cause
+
+    def cancel(self, timeout_s: float = 10.0) -> bool:
+        """Stop every rank and free the cluster; True once the job has ended (within
+        ``timeout_s``)."""
+        self.stop.set()
+        try:
+            self.future.exception(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - cancelled or not ended in time: done() says which
+            pass
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self.future.exception(timeout)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def supervise(client: Client, job: str, ranks: list, futures: list, stop: threading.Event,
+              hang_s: float) -> list:  # fmt: skip
+    """Wait for one attempt's ranks; stop them all on the first error, a dead worker, a hung
+    rank or ``stop``, and raise the cause (the failing rank's own error)."""
+    checked = time.monotonic()
+    try:
+        while True:
+            if stop.is_set():
+                raise rankctl.Cancelled(f"{job} was cancelled; its ranks were stopped")
+            if any(f.status == "error" for f in futures):
+                time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
+                check_alive(client, ranks)  # a dead worker explains its peers' errors
+                raise primary_error([f for f in futures if f.status == "error"], futures)
+            if all(f.status == "finished" for f in futures):
+                return [f.result() for f in futures]
+            if any(f.status == "cancelled" for f in futures):
+                raise rankctl.Cancelled(f"{job} was cancelled by another client")
+            if time.monotonic() - checked > 1.0:
+                check_alive(client, ranks)
+                check_progress(client, job, ranks, hang_s)
+                checked = time.monotonic()
+            time.sleep(0.1)
+    finally:
+        stop_ranks(client, job, ranks, futures)
+
+
+def stop_ranks(client: Client, job: str, ranks: list, futures: list) -> None:
+    """End the ranks still running: a stop raised in their threads, then, for a rank still
+    running after :data:`STOP_GRACE_S`, its worker restarted. Returns once none runs."""
+    running = [(r, f) for r, f in zip(ranks, futures, strict=True) if not f.done()]
+    if not running:
+        return
+    alive = set(client.nthreads())
+    workers = [r.worker for r, _ in running if r.worker in alive]
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and not all(f.done() for _, f in running):
+        try:  # again every half second: a rank may register after the first call
+            client.run(rankctl.stop, job, workers=workers, on_error="return")
+        except Exception as err:  # noqa: BLE001 - a worker going away meanwhile
+            log.warning("%s: could not reach every rank to stop it: %r", job, err)
+        time.sleep(0.5)
+    stuck = [r.worker for r, f in running if not f.done() and r.worker in set(client.nthreads())]
+    if stuck:  # stuck in C: only the process can go. Its nanny starts a fresh worker
+        log.warning("%s: ranks on %s ignored the stop for %.0f s; ending those worker "
+                    "processes (their nannies restart them)", job, stuck, STOP_GRACE_S)  # fmt: skip
+        n = len(client.nthreads())
+        client.run(rankctl.exit_soon, workers=stuck, on_error="return")
+        _wait_gone(client, stuck, 10.0)
+        wait_for_workers(client, n, 60.0)
+    client.cancel([f for _, f in running], force=True)
+
+
+def _wait_gone(client, workers: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while set(workers) & set(client.nthreads()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def check_alive(client: Client, ranks: list) -> None:
+    alive = set(client.nthreads())  # light: addresses only, not every worker's metrics
+    for r in ranks:
+        if r.worker not in alive:
+            raise WorkerLost(
+                f"DDP rank {r.rank}: its worker {r.worker} died (killed by the system, e.g. "
+                "out of memory, or crashed); see that worker's nanny log for the signal"
+            )
+
+
+def check_progress(client: Client, job: str, ranks: list, hang_s: float) -> None:
+    """Raise :class:`RankHung` naming the rank that went quiet first, once every rank that has
+    beaten at least once has been quiet for ``hang_s`` (ranks waiting for it go quiet too)."""
+    if not hang_s:
+        return
+    seen = client.run(rankctl.progress, job, workers=[r.worker for r in ranks], on_error="return")
+    ages = {r: seen.get(r.worker) for r in ranks}
+    ages = {r: p["age_s"] for r, p in ages.items() if isinstance(p, dict) and p["age_s"]}
+    if ages and min(ages.values()) > hang_s:
+        quiet = max(ages, key=ages.get)
+        raise RankHung(
+            f"DDP rank {quiet.rank} on worker {quiet.worker} made no progress for "
+            f"{ages[quiet]:.0f} s (hang_s={hang_s}); stopping the job"
+        )
+
+
+def primary_error(failed: list, futures: list) -> BaseException:
+    """The failing rank's own error, not a peer's reaction to it."""
+
+    def secondary(f):
+        text = f"{type(f.exception()).__name__} {f.exception()}".lower()
+        return any(s in text for s in SECONDARY)
+
+    failed.sort(key=lambda f: (secondary(f), futures.index(f)))
+    err = failed[0].exception()
+    log.error("DDP rank %d failed: %r", futures.index(failed[0]), err)
+    return err
+
+
+def restart_cause(err: BaseException, previous: BaseException | None) -> str | None:
+    """Why a restart may help (``"worker lost"``, ``"hung"``, ``"storage unavailable"``), or
+    None for errors it cannot fix: a bad parameter, a missing bucket, a bug, the same error
+    twice in a row."""
+    from distributed import KilledWorker
+
+    if previous is not None and (type(err), str(err)) == (type(previous), str(previous)):
+        if not isinstance(err, (WorkerLost, KilledWorker)):
+            return None  # the same error again: a bug or a setting, not bad luck
+    if isinstance(err, (WorkerLost, KilledWorker)):
+        return "worker lost"
+    if isinstance(err, RankHung):
+        return "hung"
+    if isinstance(err, storage.StorageUnavailable):
+        return "storage unavailable"
+    return None
+
+
+def wait_for_workers(client: Client, n: int, timeout_s: float) -> list[str]:
+    """The cluster's workers once it has ``n`` again (a nanny restarts a dead one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = list(client.nthreads())
+        if len(workers) >= n:
+            return workers
+        if time.monotonic() > deadline:
+            raise WorkerLost(
+                f"the cluster has {len(workers)} workers, the job needs {n}; none came back "
+                f"within {timeout_s:.0f} s (restart_wait_s): restart or scale the cluster"
+            )
+        time.sleep(0.5)

@@ -8,6 +8,7 @@ raised: the stream pads the epoch instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -45,7 +46,9 @@ class Prefetcher:
             if self.stop.is_set():
                 return
             try:
-                item = storage.filesystem(self.url, self.options).cat_file(f"{root}/{name}")
+                fs = storage.filesystem(self.url, self.options)
+                get = functools.partial(fs.cat_file, f"{root}/{name}")
+                item = storage.retrying(get, self.url, self.options)
             except Exception as err:  # noqa: BLE001 - handed to the reader, which names the shard
                 item = err
             while not self.stop.is_set():
@@ -74,6 +77,8 @@ def raw_samples(
     with Prefetcher(where, options, names, prefetch) as fetched:
         for (_, first, end), (name, blob) in zip(parts, fetched, strict=True):
             url = storage.join(where, name)
+            if isinstance(blob, storage.StorageUnavailable):
+                raise blob  # the server, not the shard: the job fails (or restarts)
             if isinstance(blob, BaseException):
                 if warn:
                     stats["missing_shards"] += 1

@@ -85,3 +85,84 @@ def test_stop_button_ends_a_step_that_never_returns_by_restarting_its_worker(cli
     took = _stop_with_interrupt(client, 3600.0)
     assert took < 10
     assert set(client.nthreads()) != before  # rank 0's worker process was ended and replaced
+
+
+# --- S3: transient failures retried and counted, permanent ones at once -----------------------
+
+
+def _through(proxy, options):
+    return {**options, "endpoint_url": proxy.url}
+
+
+def _read_all(url, options, keys):
+    from helpers import objects
+
+    ds = objects.S3ImageDataset(url, keys, ["x"], options, on_error="raise")
+    return ds.samples(list(range(len(keys))))
+
+
+@pytest.mark.parametrize("kind", ["503", "reset"])
+def test_throttling_and_resets_are_retried_and_counted(dogs, kind):
+    from helpers import storage
+    from helpers.s3proxy import Faults, S3Proxy
+
+    url, options, manifest = dogs
+    keys = manifest.keys[:12]
+    with S3Proxy(options["endpoint_url"], Faults(kind, rate=0.3, seed=1)) as proxy:
+        before = storage.retries()
+        got = _read_all(url, _through(proxy, options), keys)
+        faults = proxy.counts()["faults"].get(kind, 0)
+    assert len(got) == len(keys)  # every image, despite the faults
+    assert faults > 0  # the faults happened
+    # Every 503 is retried by storage's loop and counted. Some resets are re-sent below it
+    # (a reset kept-alive connection is reopened by the HTTP client), so at least one counts.
+    assert storage.retries() - before >= (faults if kind == "503" else 1)
+
+
+def test_a_server_that_went_away_and_came_back_is_waited_for(dogs, tmp_path):
+    """The proxy's upstream goes dark for 3 s (requests fail: connection refused upstream,
+    the connection closed without an answer), then answers again."""
+    from helpers import storage
+    from helpers.s3proxy import S3Proxy
+
+    url, options, manifest = dogs
+    with S3Proxy(options["endpoint_url"]) as proxy:
+        real, proxy.upstream = proxy.upstream, ("127.0.0.1", storage_free_port())
+        threading.Timer(3.0, setattr, (proxy, "upstream", real)).start()
+        before, began = storage.retries(), time.monotonic()
+        got = _read_all(url, _through(proxy, options), manifest.keys[:4])
+    assert len(got) == 4 and storage.retries() > before
+    assert 2.5 < time.monotonic() - began < 30
+
+
+def storage_free_port():
+    from helpers.s3server import free_ports
+
+    return free_ports(1)[0]
+
+
+def test_a_server_that_stays_away_fails_naming_the_endpoint(dogs, monkeypatch):
+    from helpers import storage
+    from helpers.s3proxy import S3Proxy
+
+    monkeypatch.setattr(storage, "RETRY_WINDOW_S", 2.0)
+    url, options, manifest = dogs
+    with S3Proxy(options["endpoint_url"]) as proxy:
+        proxy.upstream = ("127.0.0.1", storage_free_port())
+        began = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable, match=f"at {proxy.url} kept failing"):
+            _read_all(url, _through(proxy, options), manifest.keys[:2])
+    assert time.monotonic() - began < 20
+
+
+def test_missing_keys_and_buckets_fail_at_once_without_retries(dogs):
+    from helpers import storage
+    from helpers.transforms import BadImageError
+
+    url, options, manifest = dogs
+    before, began = storage.retries(), time.monotonic()
+    with pytest.raises(BadImageError, match="listed but missing"):
+        _read_all(url, options, ["Images/nope/missing.jpg"])
+    with pytest.raises((storage.StorageError, BadImageError), match="missing|does not exist"):
+        _read_all("s3://no-such-bucket-here/x", options, ["a.jpg"])
+    assert storage.retries() == before and time.monotonic() - began < 10

@@ -47,7 +47,7 @@ def _transforms(cfg: TrainConfig) -> tuple:
 
 
 def _object_loaders(cfg, options, rank, manifest, pin: bool) -> tuple:
-    from torch.utils.data.distributed import DistributedSampler
+    from helpers.position import ResumableSampler  # a DistributedSampler that can resume
 
     split = data.split(manifest, cfg.val_fraction, cfg.seed)
     train_tf, val_tf = _transforms(cfg)
@@ -57,7 +57,7 @@ def _object_loaders(cfg, options, rank, manifest, pin: bool) -> tuple:
     own_val = data.shard(split.val, rank.rank, rank.world_size)
     val_ds = objects.S3ImageDataset(manifest.url, own_val, manifest.classes, options, val_tf,
                                     draft=cfg.image_size, cache_dir=cache)  # fmt: skip
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     train = data.make_loader(train_ds, cfg.batch_size, cfg.loader_workers, sampler=sampler,

@@ -28,17 +28,13 @@ READ_TIMEOUT_S = 30
 # retried with back-off for this long, then StorageUnavailable names the endpoint. First contact
 # (check_readable, the manifest) is not retried: a wrong endpoint still fails in seconds.
 RETRY_WINDOW_S = 30.0
-TRANSIENT = (
-    *("slowdown", "throttl", "toomanyrequests", "requestlimitexceeded", "500", "502", "503"),
-    *("504", "internalerror", "serviceunavailable", "service unavailable", "timeout"),
-    *("timed out", "reset", "connection", "broken pipe", "could not connect", "disconnected"),
-    *("serverdisconnected", "incompleteread", "responsestreaming", "reduce your request rate"),
-    *("try again", "internal error"),  # s3fs's wording of SlowDown and InternalError
-)
-PERMANENT = (
-    *("nosuchbucket", "nosuchkey", "accessdenied", "access denied", "forbidden"),
-    *("invalidaccesskeyid", "signaturedoesnotmatch", "does not exist"),
-)
+TRANSIENT = ("slowdown", "throttl", "toomanyrequests", "requestlimitexceeded", "500", "502",
+             "503", "504", "internalerror", "serviceunavailable", "service unavailable",
+             "timeout", "timed out", "reset", "connection", "broken pipe", "could not connect",
+             "disconnected", "incompleteread", "responsestreaming", "try again",
+             "reduce your request rate", "internal error")  # fmt: skip
+PERMANENT = ("nosuchbucket", "nosuchkey", "accessdenied", "access denied", "forbidden",
+             "invalidaccesskeyid", "signaturedoesnotmatch", "does not exist")  # fmt: skip
 _RETRIES: dict[str, Any] = {"shared": None, "local": 0}  # retries made by this process (tree)
 
 _FILESYSTEMS: dict[tuple, Any] = {}  # (pid, options) -> filesystem; filled lazily, per process

@@ -166,3 +166,139 @@ def test_missing_keys_and_buckets_fail_at_once_without_retries(dogs):
     with pytest.raises((storage.StorageError, BadImageError), match="missing|does not exist"):
         _read_all("s3://no-such-bucket-here/x", options, ["a.jpg"])
     assert storage.retries() == before and time.monotonic() - began < 10
+
+
+# --- checkpoints: atomic, verified, pruned ----------------------------------------------------
+
+
+def _state(epoch, mb=0):
+    import torch
+
+    return {"epoch": epoch, "config": {}, "blob": torch.zeros(mb * 2**18)}  # mb MiB of floats
+
+
+def test_checkpoints_are_verified_and_pruned_to_the_newest(tmp_path):
+    from helpers import checkpoint
+
+    folder = str(tmp_path / "ck")
+    for epoch in range(1, 5):
+        checkpoint.save(folder, None, _state(epoch), keep=2)
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert len(names) == 2 and "checkpoint.pt" in names  # the newest and one before it
+    assert checkpoint.load(folder)["epoch"] == 4
+    raw = bytearray((tmp_path / "ck" / "checkpoint.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped bit in the middle: torch.load alone may not notice
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is corrupt: its sha256 does not match"):
+        checkpoint.load(folder)
+
+
+def _save_forever(folder):
+    from helpers import checkpoint
+
+    for epoch in range(2, 10_000):
+        checkpoint.save(folder, None, _state(epoch, mb=64), keep=2)
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    from helpers import checkpoint
+
+    folder = str(tmp_path / "ck")
+    checkpoint.save(folder, None, _state(1), keep=2)
+    child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(folder,))
+    child.start()
+    deadline, partial = time.monotonic() + 60, []
+    while not partial and time.monotonic() < deadline:  # a write under way: a growing .tmp
+        partial = [p for p in (tmp_path / "ck").glob("*.tmp-*") if p.stat().st_size > 0]
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    assert partial and partial[0].exists()  # killed mid-write, the partial file is still there
+    state = checkpoint.load(folder)
+    assert state is not None and state["epoch"] == 1  # the previous checkpoint, whole
+
+
+# --- lost workers: fail naming them, or restart from the latest checkpoint ---------------------
+
+
+def test_a_resumed_sampler_yields_each_remaining_index_once():
+    from helpers.position import ResumableSampler
+
+    data = list(range(40))
+    whole = ResumableSampler(data, num_replicas=2, rank=1, seed=3, drop_last=True)
+    whole.set_epoch(2)
+    resumed = ResumableSampler(data, num_replicas=2, rank=1, seed=3, drop_last=True)
+    resumed.set_epoch(2)
+    resumed.skip = 8  # two batches of 4 were committed before the interruption
+    assert list(whole)[:8] + list(resumed) == list(whole)  # no repeat, no gap
+    resumed.set_epoch(3)
+    assert resumed.skip == 0
+
+
+def _train_config(dogs, tmp_path, **kw):
+    from helpers.config import TrainConfig
+
+    url, _, _ = dogs
+    base = dict(data_url=url, arch="resnet18", image_size=32, batch_size=4, epochs=2,
+                loader_workers=1, log_every=1, threads=1, data_format="objects", lr=0.2,
+                checkpoint_url=str(tmp_path / "ck"), checkpoint_every=1)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _kill_rank_worker_at(client, watch, rank, step):
+    """SIGKILL the worker process of ``rank`` once rank 0 has published epoch 1's ``step``;
+    returns (the worker's address, the time of the kill)."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if any(r.get("kind") == "step" and r["step"] >= step for r in list(watch.records)):
+            break
+        time.sleep(0.05)
+    worker = sorted(client.nthreads())[rank]  # ranks follow the sorted addresses on one host
+    os.kill(client.run(os.getpid, workers=[worker])[worker], signal.SIGKILL)
+    return worker, time.monotonic()
+
+
+def test_a_killed_worker_fails_the_job_naming_it_without_restarts(dogs, tmp_path):
+    from helpers import job as jobs
+    from helpers import train
+
+    _, options, _ = dogs
+    cfg = _train_config(dogs, tmp_path)
+    with make_client("local", n_workers=2) as c:
+        watch = monitor.Monitor(c, cfg.topic)
+        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=0, topic=cfg.topic)
+        worker, killed = _kill_rank_worker_at(c, watch, 1, step=2)
+        err = job.exception(timeout=60)
+        took = time.monotonic() - killed
+    assert isinstance(err, jobs.WorkerLost) and worker in str(err) and "rank 1" in str(err)
+    assert took < 10
+
+
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(dogs, tmp_path):
+    from helpers import checkpoint, train
+
+    _, options, _ = dogs
+    cfg = _train_config(dogs, tmp_path)
+    with make_client("local", n_workers=2) as c:
+        watch = monitor.Monitor(c, cfg.topic)
+        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
+        _kill_rank_worker_at(c, watch, 1, step=2)
+        history = job.result(timeout=300)
+        records = list(watch.records)
+    restart, *epochs = history[0]
+    assert restart["kind"] == "restart" and restart["cause"] == "worker lost"
+    assert job.restarts == [restart] and any(r.get("kind") == "restart" for r in records)
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    resumed = epochs[0]  # the interrupted epoch, from its last committed step
+    steps = 32 // (2 * 4)  # 32 training images, 2 ranks, batches of 4
+    assert 2 <= resumed["first_step"] < steps
+    assert resumed["train_images"] == (steps - resumed["first_step"]) * 4  # the rest, once
+    assert epochs[1]["first_step"] == 0 and epochs[1]["train_images"] == steps * 4
+    assert checkpoint.load(cfg.checkpoint_url, options)["epoch"] == 2

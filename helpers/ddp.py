@@ -51,6 +51,7 @@ class Rank:
     gpu: int = 0  # index among the GPUs this worker sees (when it has any)
     job: str = ""  # the attempt's unique name: task keys, the stop switch, the heartbeat
     attempt: int = 0  # 0, then 1, 2... after automatic restarts: resume from the checkpoint
+    restarts: tuple = ()  # the records of the restarts so far (cause, error, time)
 
 
 def _host(address: str) -> str:
@@ -236,7 +237,7 @@ def _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s, wa
     for attempt in range(max_restarts + 1):
         try:
             return _attempt(client, fn, args, kwargs, f"{name}-a{attempt}", attempt, workers,
-                            timeout_s, hang_s, job.stop)  # fmt: skip
+                            timeout_s, hang_s, job.stop, job.restarts)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - the cause decides: restart or raise
             cause = jobs.restart_cause(err, previous)
             if cause is None or attempt == max_restarts or job.stop.is_set():
@@ -254,11 +255,11 @@ def _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s, wa
     raise AssertionError("unreachable")
 
 
-def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s, stop):
+def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s, stop, restarts):
     master = sorted(workers, key=lambda a: (_host(a), a))[0]
     port = client.submit(free_port, workers=[master], pure=False).result(timeout=30)
     ranks = [
-        replace(r, job=name, attempt=attempt)
+        replace(r, job=name, attempt=attempt, restarts=tuple(restarts))
         for r in plan(workers, port, client.run(_visible_devices, workers=workers))
     ]
     futures = [

@@ -68,36 +68,45 @@ def supervise(client: Client, job: str, ranks: list, futures: list, stop: thread
               hang_s: float) -> list:  # fmt: skip
     """Wait for one attempt's ranks; stop them all on the first error, a dead worker, a hung
     rank or ``stop``, and raise the cause (the failing rank's own error)."""
-    checked = time.monotonic()
+    checked, ids = time.monotonic(), worker_ids(client)
     try:
         while True:
             if stop.is_set():
                 raise rankctl.Cancelled(f"{job} was cancelled; its ranks were stopped")
             if any(f.status == "error" for f in futures):
                 time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
-                check_alive(client, ranks)  # a dead worker explains its peers' errors
+                check_alive(client, ranks, ids)  # a dead worker explains its peers' errors
                 raise primary_error([f for f in futures if f.status == "error"], futures)
             if all(f.status == "finished" for f in futures):
                 return [f.result() for f in futures]
             if any(f.status == "cancelled" for f in futures):
                 raise rankctl.Cancelled(f"{job} was cancelled by another client")
             if time.monotonic() - checked > 1.0:
-                check_alive(client, ranks)
+                check_alive(client, ranks, ids)
                 check_progress(client, job, ranks, hang_s)
                 checked = time.monotonic()
             time.sleep(0.1)
     finally:
-        stop_ranks(client, job, ranks, futures)
+        stop_ranks(client, job, ranks, futures, ids)
 
 
-def stop_ranks(client: Client, job: str, ranks: list, futures: list) -> None:
+def worker_ids(client: Client) -> dict[str, str]:
+    """Each worker's unique id by address: a worker restarted at the same address has a new
+    one, so a death is seen even when the nanny is quicker than the check."""
+    return {a: w["id"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+def stop_ranks(client: Client, job: str, ranks: list, futures: list, ids: dict) -> None:
     """End the ranks still running: a stop raised in their threads, then, for a rank still
-    running after :data:`STOP_GRACE_S`, its worker restarted. Returns once none runs."""
-    running = [(r, f) for r, f in zip(ranks, futures, strict=True) if not f.done()]
+    running after :data:`STOP_GRACE_S`, its worker process ended (its nanny starts another).
+    Ranks whose worker has died already need nothing. Returns once none runs."""
+    now = worker_ids(client)
+    running = [(r, f) for r, f in zip(ranks, futures, strict=True)
+               if not f.done() and now.get(r.worker) == ids.get(r.worker)]  # fmt: skip
     if not running:
+        client.cancel([f for f in futures if not f.done()], force=True)  # dead workers' ranks
         return
-    alive = set(client.nthreads())
-    workers = [r.worker for r, _ in running if r.worker in alive]
+    workers = [r.worker for r, _ in running]
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline and not all(f.done() for _, f in running):
         try:  # again every half second: a rank may register after the first call
@@ -105,7 +114,8 @@ def stop_ranks(client: Client, job: str, ranks: list, futures: list) -> None:
         except Exception as err:  # noqa: BLE001 - a worker going away meanwhile
             log.warning("%s: could not reach every rank to stop it: %r", job, err)
         time.sleep(0.5)
-    stuck = [r.worker for r, f in running if not f.done() and r.worker in set(client.nthreads())]
+    now = worker_ids(client)
+    stuck = [r.worker for r, f in running if not f.done() and now.get(r.worker) == ids[r.worker]]
     if stuck:  # stuck in C: only the process can go. Its nanny starts a fresh worker
         log.warning("%s: ranks on %s ignored the stop for %.0f s; ending those worker "
                     "processes (their nannies restart them)", job, stuck, STOP_GRACE_S)  # fmt: skip
@@ -113,7 +123,7 @@ def stop_ranks(client: Client, job: str, ranks: list, futures: list) -> None:
         client.run(rankctl.exit_soon, workers=stuck, on_error="return")
         _wait_gone(client, stuck, 10.0)
         wait_for_workers(client, n, 60.0)
-    client.cancel([f for _, f in running], force=True)
+    client.cancel([f for f in futures if not f.done()], force=True)
 
 
 def _wait_gone(client, workers: list[str], timeout_s: float) -> None:
@@ -122,10 +132,11 @@ def _wait_gone(client, workers: list[str], timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def check_alive(client: Client, ranks: list) -> None:
-    alive = set(client.nthreads())  # light: addresses only, not every worker's metrics
+def check_alive(client: Client, ranks: list, ids: dict) -> None:
+    """Raise :class:`WorkerLost` naming the first rank whose worker died (or was replaced)."""
+    now = worker_ids(client)
     for r in ranks:
-        if r.worker not in alive:
+        if now.get(r.worker) != ids.get(r.worker):
             raise WorkerLost(
                 f"DDP rank {r.rank}: its worker {r.worker} died (killed by the system, e.g. "
                 "out of memory, or crashed); see that worker's nanny log for the signal"
@@ -185,7 +196,7 @@ def wait_for_workers(client: Client, n: int, timeout_s: float) -> list[str]:
     while True:
         workers = list(client.nthreads())
         if len(workers) >= n:
-            return workers
+            return sorted(workers)[:n]  # the same world size as before
         if time.monotonic() > deadline:
             raise WorkerLost(
                 f"the cluster has {len(workers)} workers, the job needs {n}; none came back "

@@ -52,6 +52,14 @@ class S3ImageDataset:
         self.transform, self.on_error, self.draft = transform, on_error, draft
         self.root = storage.split_url(url)[1]
         self.cache_dir = cache_dir
+        self.versions = self._list_versions() if cache_dir else {}
+
+    def _list_versions(self) -> dict[str, str]:
+        """Each object's ETag (else size) from one listing (a LIST per 1,000 keys, no request
+        per image): the cache's key, so a changed object is fetched again, not served stale."""
+        fs = storage.filesystem(self.url, self.options)
+        found = fs.find(self.root, detail=True)
+        return {p: str(i.get("ETag") or i.get("size") or "") for p, i in found.items()}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,7 +125,8 @@ class S3ImageDataset:
     def _cache_file(self, path: str) -> str:
         import os
 
-        name = hashlib.sha1(f"{self.url}|{path}".encode()).hexdigest()
+        version = self.versions.get(path, "")
+        name = hashlib.sha1(f"{self.url}|{path}|{version}".encode()).hexdigest()
         return os.path.join(self.cache_dir, name[:2], name)
 
     def _cache_read(self, path: str) -> bytes | None:

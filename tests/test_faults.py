@@ -302,3 +302,17 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dogs, tmp_path):
     assert resumed["train_images"] == (steps - resumed["first_step"]) * 4  # the rest, once
     assert epochs[1]["first_step"] == 0 and epochs[1]["train_images"] == steps * 4
     assert checkpoint.load(cfg.checkpoint_url, options)["epoch"] == 2
+
+
+def test_the_cache_notices_a_changed_object_by_its_listed_etag(s3, tmp_path):
+    from helpers import objects, storage
+
+    options, url = s3.storage_options, "s3://dogs/changing"
+    fs = storage.filesystem(url, options)
+    key = "Images/n0-a/x.jpg"
+    fs.pipe_file(f"dogs/changing/{key}", b"first")
+    cached = objects.S3ImageDataset(url, [key], ["n0-a"], options, cache_dir=str(tmp_path))
+    assert cached._fetch([f"dogs/changing/{key}"])[f"dogs/changing/{key}"] == b"first"
+    fs.pipe_file(f"dogs/changing/{key}", b"second, longer")
+    again = objects.S3ImageDataset(url, [key], ["n0-a"], options, cache_dir=str(tmp_path))
+    assert again._fetch([f"dogs/changing/{key}"])[f"dogs/changing/{key}"] == b"second, longer"

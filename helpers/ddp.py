@@ -129,25 +129,18 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
         "LOCAL_WORLD_SIZE": str(rank.local_world_size),
         "MASTER_ADDR": rank.master_addr,
         "MASTER_PORT": str(rank.master_port),
+        **_gloo_interface(_host(rank.worker)),
     }
-    with _environ(env), rankctl.registered(rank.job):
+    timeout = timedelta(seconds=timeout_s)
+    with _environ(env), rankctl.registered(rank.job), _store(rank, timeout) as store:
         device = device_for(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if rank.rank == 0:
-            log.info(
-                "DDP: %d ranks, backend %s, master %s:%d",
-                rank.world_size,
-                backend,
-                rank.master_addr,
-                rank.master_port,
-            )
-        dist.init_process_group(
-            backend,
-            rank=rank.rank,
-            world_size=rank.world_size,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+            log.info("DDP: %d ranks, backend %s, master %s:%d", rank.world_size, backend,
+                     rank.master_addr, rank.master_port)  # fmt: skip
+        dist.init_process_group(backend, store=store, rank=rank.rank, world_size=rank.world_size,
+                                timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)  # fmt: skip
         try:
             return fn(*args, rank=rank, device=device, **kwargs)
         except rankctl.Stopped:  # the job's stop switch: a plain error, the task ends cleanly
@@ -162,6 +155,39 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
             dist.destroy_process_group()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+@contextmanager
+def _store(rank: Rank, timeout: timedelta):
+    """The rendezvous store. torch's own TCPStore listens on every interface; rank 0 makes it
+    listen on the master's address only, from a socket bound here."""
+    import torch.distributed as dist
+
+    listener = None
+    if rank.rank == 0:
+        listener = socket.create_server((rank.master_addr, rank.master_port), backlog=128)
+    try:
+        store = dist.TCPStore(rank.master_addr, rank.master_port, rank.world_size,
+                              rank.rank == 0, timeout, use_libuv=False,
+                              master_listen_fd=listener.fileno() if listener else None)  # fmt: skip
+        yield store
+        del store  # its server thread stops before the socket it polls is closed
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _gloo_interface(host: str) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` for the interface holding ``host`` (gloo otherwise listens on
+    the address the machine's hostname resolves to); unset where the environment says."""
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return {}
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addrs):
+            return {"GLOO_SOCKET_IFNAME": name}
+    return {}
 
 
 def run(
@@ -262,6 +288,7 @@ def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s
         replace(r, job=name, attempt=attempt, restarts=tuple(restarts))
         for r in plan(workers, port, client.run(_visible_devices, workers=workers))
     ]
+    client.run(rankctl.watch_sigterm, workers=workers)  # SIGTERM: checkpoint, then go
     futures = [
         client.submit(_rank_main, fn, r, timeout_s, args, kwargs, key=f"{name}-rank{r.rank}",
                       workers=[r.worker], allow_other_workers=False, pure=False, retries=0)

@@ -68,7 +68,7 @@ def supervise(client: Client, job: str, ranks: list, futures: list, stop: thread
               hang_s: float) -> list:  # fmt: skip
     """Wait for one attempt's ranks; stop them all on the first error, a dead worker, a hung
     rank or ``stop``, and raise the cause (the failing rank's own error)."""
-    checked, ids = time.monotonic(), worker_ids(client)
+    checked, ids = time.monotonic(), worker_ids(client, ranks)
     try:
         while True:
             if stop.is_set():
@@ -87,20 +87,25 @@ def supervise(client: Client, job: str, ranks: list, futures: list, stop: thread
                 checked = time.monotonic()
             time.sleep(0.1)
     finally:
-        stop_ranks(client, job, ranks, futures, ids)
+        over(client, job)
+        stop_ranks(client, job, ranks, futures, ids, replace=stop.is_set())
 
 
-def worker_ids(client: Client) -> dict[str, str]:
-    """Each worker's unique id by address: a worker restarted at the same address has a new
-    one, so a death is seen even when the nanny is quicker than the check."""
-    return {a: w["id"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+def worker_ids(client: Client, ranks: list) -> dict[str, str | None]:
+    """Each rank's worker's server id on the scheduler (None when gone): a worker its nanny
+    restarted at the same address has a new one. One scheduler round trip, no worker asked."""
+    ids = client.run_on_scheduler(  # a lambda travels by value: the scheduler needs no helpers
+        lambda dask_scheduler: {a: w.server_id for a, w in dask_scheduler.workers.items()}
+    )
+    return {r.worker: ids.get(r.worker) for r in ranks}
 
 
-def stop_ranks(client: Client, job: str, ranks: list, futures: list, ids: dict) -> None:
+def stop_ranks(client: Client, job: str, ranks: list, futures: list, ids: dict,
+               replace: bool = True) -> None:  # fmt: skip
     """End the ranks still running: a stop raised in their threads, then, for a rank still
     running after :data:`STOP_GRACE_S`, its worker process ended (its nanny starts another).
     Ranks whose worker has died already need nothing. Returns once none runs."""
-    now = worker_ids(client)
+    now = worker_ids(client, ranks)
     running = [(r, f) for r, f in zip(ranks, futures, strict=True)
                if not f.done() and now.get(r.worker) == ids.get(r.worker)]  # fmt: skip
     if not running:
@@ -114,27 +119,40 @@ def stop_ranks(client: Client, job: str, ranks: list, futures: list, ids: dict) 
         except Exception as err:  # noqa: BLE001 - a worker going away meanwhile
             log.warning("%s: could not reach every rank to stop it: %r", job, err)
         time.sleep(0.5)
-    now = worker_ids(client)
+    now = worker_ids(client, ranks)
     stuck = [r.worker for r, f in running if not f.done() and now.get(r.worker) == ids[r.worker]]
     if stuck:  # stuck in C: only the process can go. Its nanny starts a fresh worker
         log.warning("%s: ranks on %s ignored the stop for %.0f s; ending those worker "
                     "processes (their nannies restart them)", job, stuck, STOP_GRACE_S)  # fmt: skip
         n = len(client.nthreads())
         client.run(rankctl.exit_soon, workers=stuck, on_error="return")
-        _wait_gone(client, stuck, 10.0)
-        wait_for_workers(client, n, 60.0)
+        _wait_gone(client, [r for r, f in running if r.worker in stuck], ids, 10.0)
+        if replace:  # a cancelled job's successor should find as many workers as it had
+            wait_for_workers(client, n, 60.0)
     client.cancel([f for f in futures if not f.done()], force=True)
 
 
-def _wait_gone(client, workers: list[str], timeout_s: float) -> None:
+def _wait_gone(client, ranks: list, ids: dict, timeout_s: float) -> None:
+    """Until each of ``ranks``' worker processes has gone (absent, or a new process id)."""
     deadline = time.monotonic() + timeout_s
-    while set(workers) & set(client.nthreads()) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = worker_ids(client, ranks)
+        if all(now[r.worker] != ids[r.worker] for r in ranks):
+            return
         time.sleep(0.1)
+
+
+def over(client: Client, job: str) -> None:
+    """Mark ``job``'s attempt over: a rank Dask reschedules later (its worker died and came
+    back at the same address) refuses to start (:func:`helpers.rankctl.registered`)."""
+    from distributed import Event
+
+    Event(f"{job}-over", client=client).set()
 
 
 def check_alive(client: Client, ranks: list, ids: dict) -> None:
     """Raise :class:`WorkerLost` naming the first rank whose worker died (or was replaced)."""
-    now = worker_ids(client)
+    now = worker_ids(client, ranks)
     for r in ranks:
         if now.get(r.worker) != ids.get(r.worker):
             raise WorkerLost(
@@ -185,6 +203,8 @@ def restart_cause(err: BaseException, previous: BaseException | None) -> str | N
         return "worker lost"
     if isinstance(err, RankHung):
         return "hung"
+    if isinstance(err, rankctl.Terminated):
+        return "terminated"
     if isinstance(err, storage.StorageUnavailable):
         return "storage unavailable"
     return None

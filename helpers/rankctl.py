@@ -18,7 +18,9 @@ A running Dask task cannot be interrupted from outside (``client.cancel`` only f
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _RANKS: dict[str, dict] = {}  # job key -> {"thread", "beat", "steps"}: this process's ranks
 _STOPPED: list[str] = []  # jobs told to stop, newest last: a rank starting late stops at once
-_TERM = {"at": 0.0}  # when SIGTERM arrived (0: never)
+_TERM: dict = {"at": 0.0, "obey": None}  # when SIGTERM arrived (0: never), and what then
 
 
 class Stopped(BaseException):
@@ -44,14 +46,26 @@ class Cancelled(RuntimeError):
 @contextmanager
 def registered(job: str) -> Iterator[dict]:
     """Register the calling thread as ``job``'s rank in this process while the block runs."""
-    if job in _STOPPED:
-        raise Cancelled(f"{job} was stopped before this rank started")
+    if job in _STOPPED or _over(job):
+        raise Cancelled(f"{job} was stopped or over before this rank started")
     entry = {"thread": threading.get_ident(), "beat": 0.0, "steps": 0, "stop": False}
     _RANKS[job] = entry
     try:
         yield entry
     finally:
         _RANKS.pop(job, None)
+        if _TERM["at"]:  # SIGTERM came while the rank ran: obey it now that it has ended
+            threading.Timer(1.0, _TERM["obey"]).start()  # once the task's error is sent
+
+
+def _over(job: str) -> bool:
+    """Whether the client marked ``job``'s attempt over (a Dask Event; False outside Dask)."""
+    try:
+        from distributed import Event, get_client
+
+        return Event(f"{job}-over", client=get_client()).is_set()
+    except ValueError:  # no worker or client here: a plain process, nothing to ask
+        return False
 
 
 def stop(job: str) -> bool:
@@ -72,8 +86,6 @@ def stop(job: str) -> bool:
 def exit_soon(delay_s: float = 0.2) -> int:
     """End this worker process in ``delay_s`` (after ``client.run`` has its answer): the last
     resort for a rank stuck in C. Returns the process id."""
-    import os
-
     threading.Timer(delay_s, os._exit, (70,)).start()
     log.warning("ending worker process %d: its DDP rank ignored the stop", os.getpid())
     return os.getpid()
@@ -98,31 +110,37 @@ def progress(job: str) -> dict | None:
     return {"age_s": age, "steps": entry["steps"], "terminating": bool(_TERM["at"])}
 
 
-def watch_sigterm() -> bool:
-    """Note SIGTERM in this worker process, then let the previous handler run (run with
-    ``client.run``: it executes in the main thread, the only one that may set handlers)."""
+def watch_sigterm(grace_s: float = 30.0) -> bool:
+    """On SIGTERM, let this worker's rank checkpoint first: the signal is noted
+    (:func:`stop_requested`) and obeyed once the rank has ended, or after ``grace_s``. Run with
+    ``client.run``: it executes in the main thread, the only one that may set handlers."""
     if threading.current_thread() is not threading.main_thread():
         return False
     previous = signal.getsignal(signal.SIGTERM)
-    if previous is _on_sigterm:
+    if getattr(previous, "__name__", "") == "_noted":
         return True
 
-    def chained(signum, frame):
-        _on_sigterm(signum, frame)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            raise SystemExit(128 + signum)
+    def _noted(signum, frame):
+        if not _TERM["at"]:
+            _TERM["at"], _TERM["obey"] = time.monotonic(), functools.partial(_obey, previous)
+            log.warning("SIGTERM: the DDP rank here checkpoints, then the worker goes")
+            threading.Timer(grace_s if _RANKS else 0.1, _TERM["obey"]).start()
 
-    signal.signal(signal.SIGTERM, chained)
+    signal.signal(signal.SIGTERM, _noted)
     return True
 
 
-def _on_sigterm(signum, frame) -> None:
-    _TERM["at"] = time.monotonic()
-    log.warning("SIGTERM: the rank on this worker checkpoints before it goes")
+def _obey(previous) -> None:
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    else:
+        os._exit(128 + signal.SIGTERM)
 
 
 def stop_requested() -> bool:
     """True once this worker process has been told to terminate (SIGTERM)."""
     return bool(_TERM["at"])
+
+
+class Terminated(RuntimeError):
+    """A rank's worker was told to stop (SIGTERM); the job checkpointed and may restart."""

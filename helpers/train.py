@@ -168,6 +168,18 @@ def evaluate(
     }
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is on any (one tiny all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class Saver:
     """Rank 0's checkpoints: every ``checkpoint_every`` steps (with the data position) and at
     each epoch's end (with the epoch's record). Other ranks' calls do nothing."""
@@ -184,11 +196,16 @@ class Saver:
         checkpoint.save(self.cfg.checkpoint_url, self.options, state, self.cfg.keep_checkpoints)
 
     def step(self, done: int) -> None:
-        """After ``done`` steps of the current epoch."""
-        every = self.cfg.checkpoint_every
-        if self.rank.rank == 0 and self.cfg.checkpoint_url and every and done % every == 0:
+        """After ``done`` steps of the current epoch; if any rank's worker was told to stop
+        (SIGTERM), a checkpoint now, then :class:`helpers.rankctl.Terminated` on every rank."""
+        every, leaving = self.cfg.checkpoint_every, _any_rank(rankctl.stop_requested())
+        due = leaving or (every and done % every == 0)
+        if self.rank.rank == 0 and self.cfg.checkpoint_url and due:
             self._save(self.epoch - 1, done, position_of(self.loader, done), {})
             rankctl.beat()  # an upload is progress too
+        if leaving:
+            raise rankctl.Terminated(f"a worker was told to stop (SIGTERM) at epoch "
+                                     f"{self.epoch} step {done}; checkpointed")  # fmt: skip
 
     def epoch_end(self, record: dict) -> None:
         """The epoch's checkpoint (when asked for) and its record."""

@@ -3,6 +3,7 @@ that throttles or goes away, a kill during a checkpoint write. Every test checks
 really happened; time limits are generous liveness bounds, not speed targets."""
 
 import _thread
+import logging
 import sys
 import threading
 import time
@@ -85,6 +86,32 @@ def test_stop_button_ends_a_step_that_never_returns_by_restarting_its_worker(cli
     took = _stop_with_interrupt(client, 3600.0)
     assert took < 10
     assert set(client.nthreads()) != before  # rank 0's worker process was ended and replaced
+
+
+def _goes_quiet(*, rank, device):
+    """Three steps in step, then rank 1 deadlocks (no error, no progress) while rank 0 does a
+    little more and waits for it in a collective."""
+    import torch
+    import torch.distributed as dist
+
+    for _ in range(3):
+        dist.all_reduce(torch.ones(1))
+        rankctl.beat()
+    if rank.rank == 1:
+        time.sleep(3600)
+    time.sleep(0.5)
+    rankctl.beat()
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_hung_rank_is_named_within_hang_s_not_the_job_timeout(client):
+    from helpers import job as jobs
+
+    began = time.monotonic()
+    with pytest.raises(jobs.RankHung, match=r"rank 1 on worker .* no progress for \d+ s"):
+        ddp.run(client, _goes_quiet, hang_s=5, timeout_s=300)
+    assert time.monotonic() - began < 120  # torch's import included; the timeout is 300 s
+    assert ddp.run(client, _sum, lock_timeout_s=10, timeout_s=60) == [0, 1]
 
 
 # --- S3: transient failures retried and counted, permanent ones at once -----------------------
@@ -249,9 +276,9 @@ def _train_config(dogs, tmp_path, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _kill_rank_worker_at(client, watch, rank, step):
-    """SIGKILL the worker process of ``rank`` once rank 0 has published epoch 1's ``step``;
-    returns (the worker's address, the time of the kill)."""
+def _kill_rank_worker_at(client, watch, rank, step, sig=None):
+    """SIGKILL (or ``sig``) the worker process of ``rank`` once rank 0 has published epoch 1's
+    ``step``; returns (the worker's address, the time of the kill)."""
     import os
     import signal
 
@@ -261,7 +288,7 @@ def _kill_rank_worker_at(client, watch, rank, step):
             break
         time.sleep(0.05)
     worker = sorted(client.nthreads())[rank]  # ranks follow the sorted addresses on one host
-    os.kill(client.run(os.getpid, workers=[worker])[worker], signal.SIGKILL)
+    os.kill(client.run(os.getpid, workers=[worker])[worker], sig or signal.SIGKILL)
     return worker, time.monotonic()
 
 
@@ -277,6 +304,8 @@ def test_a_killed_worker_fails_the_job_naming_it_without_restarts(dogs, tmp_path
         worker, killed = _kill_rank_worker_at(c, watch, 1, step=2)
         err = job.exception(timeout=60)
         took = time.monotonic() - killed
+        logging.getLogger(__name__).warning("lost worker reported in %.1f s", took)
+        jobs.wait_for_workers(c, 2, 120)  # the nanny's replacement, before the cluster closes
     assert isinstance(err, jobs.WorkerLost) and worker in str(err) and "rank 1" in str(err)
     assert took < 10
 
@@ -289,9 +318,12 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dogs, tmp_path):
     with make_client("local", n_workers=2) as c:
         watch = monitor.Monitor(c, cfg.topic)
         job = ddp.start(c, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
-        _kill_rank_worker_at(c, watch, 1, step=2)
+        _, killed = _kill_rank_worker_at(c, watch, 1, step=2)
         history = job.result(timeout=300)
         records = list(watch.records)
+        logging.getLogger(__name__).warning(
+            "restarted and finished %.1f s after the kill: %s", time.monotonic() - killed,
+            history[0][0])  # fmt: skip
     restart, *epochs = history[0]
     assert restart["kind"] == "restart" and restart["cause"] == "worker lost"
     assert job.restarts == [restart] and any(r.get("kind") == "restart" for r in records)
@@ -316,3 +348,42 @@ def test_the_cache_notices_a_changed_object_by_its_listed_etag(s3, tmp_path):
     fs.pipe_file(f"dogs/changing/{key}", b"second, longer")
     again = objects.S3ImageDataset(url, [key], ["n0-a"], options, cache_dir=str(tmp_path))
     assert again._fetch([f"dogs/changing/{key}"])[f"dogs/changing/{key}"] == b"second, longer"
+
+
+def test_a_worker_told_to_stop_checkpoints_first_and_the_job_resumes_there(dogs, tmp_path):
+    import signal
+
+    from helpers import train
+
+    _, options, _ = dogs
+    cfg = _train_config(dogs, tmp_path, checkpoint_every=0)  # only the SIGTERM checkpoint
+    with make_client("local", n_workers=2) as c:
+        watch = monitor.Monitor(c, cfg.topic)
+        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
+        _kill_rank_worker_at(c, watch, 1, step=2, sig=signal.SIGTERM)
+        history = job.result(timeout=300)
+    restart, first, _ = history[0]
+    assert restart["cause"] == "terminated" and "checkpointed" in restart["error"]
+    assert first["epoch"] == 1 and first["first_step"] >= 2  # resumed where it was told to stop
+
+
+# --- loopback by default ---------------------------------------------------------------------
+
+
+def _listening(*, rank, device):
+    """The listening sockets of this worker process and its children, while the group is up."""
+    import psutil
+
+    me = psutil.Process()
+    found = set()
+    for p in [me, *me.children(recursive=True)]:
+        for c in p.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                found.add((p.pid, c.laddr.ip, c.laddr.port))
+    return sorted(found)
+
+
+def test_every_socket_a_job_listens_on_is_loopback(client):
+    listening = [s for rank in ddp.run(client, _listening, timeout_s=60) for s in rank]
+    assert len(listening) >= 3  # each worker, the rendezvous store, gloo's pairs
+    assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::1"}, listening

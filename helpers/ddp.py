@@ -132,7 +132,8 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
         **_gloo_interface(_host(rank.worker)),
     }
     timeout = timedelta(seconds=timeout_s)
-    with _environ(env), rankctl.registered(rank.job), _store(rank, timeout) as store:
+    with _environ(env), rankctl.registered(rank.job):
+        store = _store(rank, timeout)
         device = device_for(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if rank.rank == 0:
@@ -157,24 +158,21 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
                 torch.cuda.empty_cache()
 
 
-@contextmanager
 def _store(rank: Rank, timeout: timedelta):
-    """The rendezvous store. torch's own TCPStore listens on every interface; rank 0 makes it
-    listen on the master's address only, from a socket bound here."""
+    """The rendezvous store. torch's own TCPStore listens on every interface; rank 0's listens
+    on the master's address only, from a socket bound here (the store owns and closes it)."""
     import torch.distributed as dist
 
-    listener = None
+    fd = None
     if rank.rank == 0:
-        listener = socket.create_server((rank.master_addr, rank.master_port), backlog=128)
+        fd = socket.create_server((rank.master_addr, rank.master_port), backlog=128).detach()
     try:
-        store = dist.TCPStore(rank.master_addr, rank.master_port, rank.world_size,
-                              rank.rank == 0, timeout, use_libuv=False,
-                              master_listen_fd=listener.fileno() if listener else None)  # fmt: skip
-        yield store
-        del store  # its server thread stops before the socket it polls is closed
-    finally:
-        if listener is not None:
-            listener.close()
+        return dist.TCPStore(rank.master_addr, rank.master_port, rank.world_size, fd is not None,
+                             timeout, use_libuv=False, master_listen_fd=fd)  # fmt: skip
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
 
 
 def _gloo_interface(host: str) -> dict[str, str]:

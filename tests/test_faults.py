@@ -111,6 +111,7 @@ def test_a_hung_rank_is_named_within_hang_s_not_the_job_timeout(client):
     with pytest.raises(jobs.RankHung, match=r"rank 1 on worker .* no progress for \d+ s"):
         ddp.run(client, _goes_quiet, hang_s=5, timeout_s=300)
     assert time.monotonic() - began < 120  # torch's import included; the timeout is 300 s
+    jobs.wait_for_workers(client, 2, 120)  # the hung ranks' workers were replaced
     assert ddp.run(client, _sum, lock_timeout_s=10, timeout_s=60) == [0, 1]
 
 

@@ -286,7 +286,7 @@ def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s
         replace(r, job=name, attempt=attempt, restarts=tuple(restarts))
         for r in plan(workers, port, client.run(_visible_devices, workers=workers))
     ]
-    client.run(rankctl.watch_sigterm, workers=workers)  # SIGTERM: checkpoint, then go
+    client.run(rankctl.watch_sigterm, workers=workers, on_error="return")  # then checkpoint
     futures = [
         client.submit(_rank_main, fn, r, timeout_s, args, kwargs, key=f"{name}-rank{r.rank}",
                       workers=[r.worker], allow_other_workers=False, pure=False, retries=0)

@@ -331,7 +331,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dogs, tmp_path):
     assert [e["epoch"] for e in epochs] == [1, 2]
     resumed = epochs[0]  # the interrupted epoch, from its last committed step
     steps = 32 // (2 * 4)  # 32 training images, 2 ranks, batches of 4
-    assert 2 <= resumed["first_step"] < steps
+    assert 1 <= resumed["first_step"] < steps  # the last checkpoint may lag the kill a step
     assert resumed["train_images"] == (steps - resumed["first_step"]) * 4  # the rest, once
     assert epochs[1]["first_step"] == 0 and epochs[1]["train_images"] == steps * 4
     assert checkpoint.load(cfg.checkpoint_url, options)["epoch"] == 2

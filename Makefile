@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lab s3 bench bench-gpu sweep lint format clean
+.PHONY: demo test install lab s3 bench bench-loading bench-ddp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.demo
@@ -24,31 +24,47 @@ $(STAMP): pyproject.toml kernel/pyproject.toml kernel/kernel.json
 	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1; } || \
 	  echo "note: Graphviz's 'dot' is missing: notebook 01 will describe task graphs in words"
+	@# tests/test_browser.py drives JupyterLab in Debian's Chromium through Selenium's chromedriver.
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
+	  echo "note: no chromium/chromedriver: tests/test_browser.py will skip"
 	touch $(STAMP)
 
+# jupyter/jupyter_server_config.py: on a hub or Binder, the Dask dashboard link goes through the hub's
+# proxy. Root (a container) needs --allow-root. The Dask and GPU panels come with `make install`.
 lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebooks' ../img resolves)
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
-	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb
+	$(BIN)/jupyter lab --config="$(CURDIR)/jupyter/jupyter_server_config.py" \
+	  --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
+	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3server serve --dir .s3data
 
-bench: $(STAMP)  ## CPU benchmarks: data loading (vs ImageFolder, dask-pytorch-ddp), DDP launch (vs torchrun)
-	$(BIN)/python bench/bench_loading.py
+bench: bench-loading bench-ddp bench-report  ## CPU benchmarks, each writing a record to bench/results/
+
+bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder and the peers (2 runs)
+	$(BIN)/python bench/bench_loading.py --images photos
+	$(BIN)/python bench/bench_loading.py --images synthetic
+
+bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
 	$(BIN)/python bench/bench_ddp.py
 
-bench-gpu: $(STAMP)  ## one GPU: ResNet50 on real JPEGs vs synthetic tensors (runs slowly on CPU)
+bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
 	$(BIN)/python bench/bench_gpu.py
+
+bench-report: $(STAMP)  ## rebuild README.md's benchmark table from the newest records
+	$(BIN)/python bench/record.py report
 
 sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
 	$(BIN)/python -m helpers.sweep --workers 1 2
 
 lint: $(STAMP)
-	$(BIN)/ruff check helpers tests bench notebooks
-	$(BIN)/ruff format --check helpers tests bench notebooks
+	$(BIN)/ruff check helpers tests bench notebooks jupyter
+	$(BIN)/ruff format --check helpers tests bench notebooks jupyter
 
 format: $(STAMP)
-	$(BIN)/ruff format helpers tests bench notebooks
+	$(BIN)/ruff format helpers tests bench notebooks jupyter
 
 clean:
 	rm -rf build .pytest_cache

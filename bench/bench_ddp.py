@@ -308,6 +308,26 @@ def run(
     return {"config": cfg, "runs": runs, **summarize(runs), "wall_s": time.perf_counter() - started}
 
 
+def to_record(result: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark record (``bench/record.py``): every run of both launchers, both targets."""
+    import record
+
+    passes = [
+        {"launcher": name, "run": i, **r}
+        for name, rs in result["runs"].items()
+        for i, r in enumerate(rs)
+    ]
+    r = result["ratios"]
+    targets = [
+        record.target("per-step time, Dask / torchrun (best runs)",
+                      round(r["step Dask/torchrun"]["value"], 3), "<=", STEP_TARGET),
+        record.target("time to first step, Dask (warm cluster) / torchrun (best runs)",
+                      round(r["first step Dask/torchrun"]["value"], 3), "<", 1.0),
+    ]  # fmt: skip
+    results = {"best": result["best"], "wall_s": round(result["wall_s"], 1)}
+    return record.build("bench_ddp", result["config"], passes, targets, results)
+
+
 def report(result: dict[str, Any]) -> str:
     """The table of runs, the best of each launcher, and the ratios against their targets."""
     cfg = result["config"]
@@ -342,6 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this path")
+    parser.add_argument("--records", default=None, help="records folder (default bench/results)")
     parser.add_argument("--torchrun-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -359,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    import record
+
+    print(f"record: {record.write(to_record(result), args.records or record.RESULTS)}")
 
 
 if __name__ == "__main__":

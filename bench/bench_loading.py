@@ -33,6 +33,7 @@ from typing import Any
 
 import contenders as cn
 import photos
+import ratios as rt
 import record
 import stages
 
@@ -42,14 +43,6 @@ log = logging.getLogger("bench_loading")
 
 URL = "s3://bench/dogs"  # SeaweedFS bucket names need at least 3 characters
 KEYS = ("shards", "objects", "imagefolder", "s3torchconnector", "webdataset", "dask_pytorch_ddp")
-# (name, numerator, denominator, target): ratios of median img/s
-RATIOS = (
-    ("shards / local-disk ImageFolder", "shards", "imagefolder", 1.0),
-    ("per-object / local-disk ImageFolder", "objects", "imagefolder", 0.8),
-    ("shards / webdataset (same shards)", "shards", "webdataset", 1.0),
-    ("per-object / s3torchconnector", "objects", "s3torchconnector", 1.0),
-    ("per-object / dask_pytorch_ddp S3ImageFolder", "objects", "dask_pytorch_ddp", 5.0),
-)
 
 
 def time_pass(loader, delay: float = 0.0, meter: stages.CpuMeter | None = None) -> dict:
@@ -89,10 +82,12 @@ def counting_pass(c: cn.Contender, draft: bool, upstream: str) -> dict:
         result = time_pass(c.build(proxy.url, draft))
         counts = proxy.counts()
         log.debug("%s requests: %s", c.key, list(proxy.log))
+        shard_gets = sum(1 for m, path in proxy.log if m == "GET" and path.endswith(".tar"))
     gets = counts["requests"].get("GET", 0)
     return {
         **result,
         "requests": counts["requests"],
+        "shard_gets": shard_gets,
         "bytes_out": counts["bytes_out"],
         "gets_per_image": round(gets / max(1, result["images"]), 3),
     }
@@ -114,100 +109,6 @@ def timed_passes(
                 passes.append({"round": r, "contender": c.key, "draft": draft, **p})
                 log.info("round %d draft %-3s %-18s %s", r, "on" if draft else "off", c.key, p)
     return passes
-
-
-def summarise(passes: list[dict]) -> dict[str, dict]:
-    """Per ``contender/draft``: median, min and max img/s, CPU per image."""
-    out: dict[str, dict] = {}
-    for p in passes:
-        out.setdefault(f"{p['contender']}/{'on' if p['draft'] else 'off'}", []).append(p)
-    summary = {}
-    for k, ps in out.items():
-        rates = [p["img_per_s"] for p in ps]
-        summary[k] = {
-            "median_img_per_s": stages.median(rates),
-            "min": min(rates),
-            "max": max(rates),
-            "passes": len(ps),
-            "cpu_loader_ms_per_img": _per_image(ps, "cpu_loader_s"),
-            "cpu_server_ms_per_img": _per_image(ps, "cpu_server_s"),
-        }
-    return summary
-
-
-def _per_image(ps: list[dict], field: str) -> float:
-    return round(stages.median([1000 * p[field] / max(1, p["images"]) for p in ps]), 2)
-
-
-def ratios(passes: list[dict], summary: dict) -> dict[str, dict]:
-    """Each ratio per draft column: median over median, and the range of per-round ratios."""
-    out = {}
-    for name, num, den, _ in RATIOS:
-        for col in ("on", "off"):
-            a, b = summary.get(f"{num}/{col}"), summary.get(f"{den}/{col}")
-            if not a or not b:
-                continue
-            rate = {
-                (p["contender"], p["round"]): p["img_per_s"]
-                for p in passes
-                if ("on" if p["draft"] else "off") == col
-            }
-            rounds = sorted({r for (_, r) in rate})
-            per_round = [
-                rate[num, r] / rate[den, r] for r in rounds if (num, r) in rate and (den, r) in rate
-            ]
-            out[f"{name}, draft {col}"] = {
-                "median": round(a["median_img_per_s"] / b["median_img_per_s"], 3),
-                "per_round_min": round(min(per_round), 3),
-                "per_round_max": round(max(per_round), 3),
-            }
-    return out
-
-
-def _why(num: str, den: str, col: str, summary: dict, profile: str) -> str:
-    """What limits a missed ratio: CPU per image of both sides (loader, server), the profile."""
-    a, b = summary[f"{num}/{col}"], summary[f"{den}/{col}"]
-    return (
-        f"{num}: {a['median_img_per_s']:.0f} img/s, CPU/img loader {a['cpu_loader_ms_per_img']} "
-        f"ms + S3 server {a['cpu_server_ms_per_img']} ms; {den}: {b['median_img_per_s']:.0f} "
-        f"img/s, loader {b['cpu_loader_ms_per_img']} ms + server {b['cpu_server_ms_per_img']} ms "
-        f"(on {os.cpu_count()} cores, CPU-bound when CPU/img x img/s ~ cores). Stages, one "
-        f"process: {profile}"
-    )
-
-
-def targets(
-    ratio: dict,
-    summary: dict,
-    counted: dict,
-    errors: dict,
-    n_shards: int,
-    workers: int,
-    profile: str,
-) -> list[dict]:
-    """The issue's targets: every ratio in each draft column, and the shard path's GETs."""
-    out = []
-    for name, num, den, goal in RATIOS:
-        for col in ("on", "off"):
-            label = f"{name}, draft {col}"
-            if label in ratio:
-                value = ratio[label]["median"]
-                why = None if value >= goal else _why(num, den, col, summary, profile)
-                out.append(record.target(label, value, ">=", goal, why))
-            elif col == "off" and (num in errors or den in errors):
-                why = "; ".join(f"{k} failed: {errors[k]}" for k in (num, den) if k in errors)
-                out.append(record.target(label, None, ">=", goal, why))
-    gets = counted.get("shards", {}).get("requests", {}).get("GET")
-    out.append(
-        record.target(
-            f"GETs per epoch, shard path ({n_shards} shards, {workers} loader processes)",
-            gets,
-            "<=",
-            n_shards + workers,
-            None if gets is not None and gets <= n_shards + workers else str(counted.get("shards")),
-        )
-    )
-    return out
 
 
 def run(
@@ -280,8 +181,8 @@ def run(
                 if profile
                 else {}
             )
-    summary = summarise(all_passes)
-    ratio = ratios(all_passes, summary)
+    summary = rt.summarise(all_passes)
+    ratio = rt.ratios(all_passes, summary)
     settings |= {
         "images_per_pass": {c.key: c.images for c in cs},
         "train_shards": len(names),
@@ -300,7 +201,7 @@ def run(
         f"bench_loading-{images}",
         settings,
         all_passes,
-        targets(ratio, summary, counted, errors, len(names), workers, stages.describe(costs)),
+        rt.targets(ratio, summary, counted, errors, len(names), workers, stages.describe(costs)),
         results,
         extra_versions=("s3torchconnector", "webdataset", "dask-pytorch-ddp"),
     )

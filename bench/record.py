@@ -196,6 +196,8 @@ def where(rec: dict) -> str:
     text += f", torch {torch}"
     if pinned and torch and not torch.startswith(pinned):
         text += f" **(not the pinned {pinned})**"
+    if m.get("loadavg"):
+        text += f", load {m['loadavg'][0]:.1f}"
     if rec["commit"].get("dirty"):
         text += ", uncommitted changes"
     return text
@@ -209,7 +211,7 @@ def table(records: dict[str, tuple[Path, dict]], root: Path = ROOT) -> str:
     ]
     for name in sorted(records):
         path, rec = records[name]
-        rel = path.resolve().relative_to(root.resolve()).as_posix()
+        rel = Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
         for t in rec["targets"]:
             met = "yes" if t["met"] else "**no**"
             lines.append(
@@ -232,7 +234,7 @@ def report(readme: Path = README, directory: Path = RESULTS, check: bool = False
     """Regenerate the README table from the records; with ``check``, only compare. True when
     the README already said (or now says) what the records say."""
     text = readme.read_text()
-    new = splice(text, table(newest(directory)))
+    new = splice(text, table(newest(directory), readme.parent))
     if check or new == text:
         return new == text
     readme.write_text(new)
@@ -247,10 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--check", action="store_true", help="fail if the table is stale")
     args = parser.parse_args(argv)
+    before = args.readme.read_text()
     ok = report(args.readme, args.results, args.check)
     if args.check and not ok:
         sys.exit(f"{args.readme}'s benchmark table differs from {args.results}: make bench-report")
-    print(f"{args.readme}: benchmark table {'up to date' if ok else 'rewritten'}")
+    changed = args.readme.read_text() != before
+    print(f"{args.readme}: benchmark table {'rewritten' if changed else 'up to date'}")
 
 
 if __name__ == "__main__":

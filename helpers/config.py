@@ -17,6 +17,8 @@ from helpers.model import ARCHS
 AMPS = ("auto", "bf16", "fp16", "off")
 IMAGE_SETS = ("val", "train", "all")
 DATA_FORMATS = ("auto", "objects", "shards")
+TRAIN_FORMATS = (*DATA_FORMATS, "synthetic")  # synthetic: the benchmarks' no-data ceiling
+DECODES = ("auto", "cpu", "gpu")
 
 
 def _allowed(name: str, value, allowed) -> None:
@@ -37,9 +39,9 @@ class TrainConfig:
     data_url: str  # the folder holding Images/ (and manifest.json)
     arch: str = "resnet50"  # "resnet50" or "resnet18" (quicker); always from scratch
     image_size: int = 64  # training resolution; 224 is the usual GPU choice
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 16  # per rank: the global batch is batch_size x ranks
-    lr: float = 0.1  # for a global batch of 256, scaled linearly to the real one
+    lr: float = 0.2  # for a global batch of 256, scaled linearly to the real one
     momentum: float = 0.9
     weight_decay: float = 5e-5
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
@@ -48,6 +50,9 @@ class TrainConfig:
     seed: int = 0  # the split, the initial weights, the shuffles and the augmentations
     data_format: str = "auto"  # "objects", "shards", or "auto": shards where an index exists
     loader_workers: int = 1  # DataLoader processes per rank
+    decode: str = "auto"  # JPEG decoding: "cpu" (loader processes), "gpu" (nvJPEG), "auto"
+    prefetch: int = 0  # batches each loader process keeps ready; 0 = the loader's default
+    decode_batch: int = 0  # images per nvJPEG call under GPU decode; 0 = the whole batch
     cache_dir: str = ""  # local disk cache for fetched images ("" = none)
     checkpoint_url: str = ""  # folder (local or s3://) for checkpoint.pt ("" = none)
     resume: bool = False  # continue from checkpoint_url's checkpoint if there is one
@@ -66,11 +71,13 @@ class TrainConfig:
     def __post_init__(self):
         _allowed("arch", self.arch, ARCHS)
         _allowed("amp", self.amp, AMPS)
-        _allowed("data_format", self.data_format, DATA_FORMATS)
+        _allowed("data_format", self.data_format, TRAIN_FORMATS)
+        _allowed("decode", self.decode, DECODES)
         _at_least(self, ("image_size",), 32)
         _at_least(self, ("epochs", "batch_size", "log_every", "keep_checkpoints"), 1)
         _at_least(self, ("checkpoint_every", "max_restarts", "hang_s"), 0)
         _at_least(self, ("loader_workers", "max_steps", "threads", "stop_after_epoch"), 0)
+        _at_least(self, ("prefetch", "decode_batch"), 0)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction}; allowed: strictly between 0 and 1")
         if self.lr <= 0:

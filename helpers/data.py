@@ -17,9 +17,10 @@ import hashlib
 import io
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import storage
@@ -134,6 +135,16 @@ def read_mat_list(raw: bytes) -> list[str]:
     return [str(np.asarray(c).ravel()[0]) for c in cells]
 
 
+def official_lists(lists_tar: str | Path) -> dict[str, tuple[bytes, list[str]]]:
+    """The official split in ``lists.tar``: ``"train"``/``"test"`` -> (the ``.mat`` file's bytes,
+    the keys it lists)."""
+    import tarfile
+
+    with tarfile.open(lists_tar) as tar:
+        raws = {name: tar.extractfile(f"{name}_list.mat").read() for name in ("train", "test")}
+    return {name: (raw, ["Images/" + f for f in read_mat_list(raw)]) for name, raw in raws.items()}
+
+
 @dataclass(frozen=True)
 class Split:
     train: tuple[str, ...]
@@ -166,17 +177,6 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
         val += ranked[:n_val]
         train += ranked[n_val:]
     return Split(tuple(sorted(train)), tuple(sorted(val)), "seeded")
-
-
-def chance(split: Split) -> dict:
-    """The accuracy of guessing: uniformly, and always naming the validation split's most common
-    class (the two differ when classes are unbalanced, as in the real Stanford Dogs)."""
-    counts = Counter(class_folder(k) for k in split.val)
-    n_classes = len({class_folder(k) for k in split.train} | set(counts))
-    return {
-        "chance (uniform)": 1 / n_classes,
-        "chance (majority class)": max(counts.values()) / len(split.val),
-    }
 
 
 def shard(keys: Sequence[str], rank: int, world_size: int) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ order with its parameters, writes the executed copies and an HTML export of each
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -49,11 +50,35 @@ def run(
     return done
 
 
-def summary(build: Path) -> list[str]:
-    """What the demo measured, read back from the files the notebooks wrote."""
+# The demo fails unless the CNN reaches this multiple of the stronger of its baselines.
+BEAT = 1.5
+
+
+def check_claim(path: Path, strict: bool = True) -> str:
+    """Notebook 04's claim, read back. When the CNN did not beat the colour count and chance
+    clearly (``BEAT`` times the stronger), raise (``strict``) or return a loud warning line."""
+    claim = json.loads(path.read_text())
+    cnn = claim["ResNet from scratch (validation top-1)"]
+    bar = max(v for k, v in claim.items() if not k.startswith("ResNet"))
+    line = ", ".join(f"{k} {v:.1%}" for k, v in claim.items())
+    if cnn < BEAT * bar:
+        failed = (f"the CNN did not learn what colour and chance cannot: {line} "
+                  f"(needs {BEAT}x {bar:.1%}); see {path}")  # fmt: skip
+        if strict:
+            raise RuntimeError(failed)
+        return f"WARNING (04): {failed}"
+    return f"claim (04): {line}"
+
+
+def summary(build: Path, strict: bool = False) -> list[str]:
+    """What the demo measured, read back from the files the notebooks wrote (``strict``: raise
+    when notebook 04's network did not beat its baselines)."""
     import pandas as pd
 
     lines = []
+    claim = build / "checkpoints" / "dogs" / "claim.json"
+    if claim.exists():
+        lines.append(check_claim(claim, strict))
     metrics = build / "checkpoints" / "dogs" / "metrics.csv"
     if metrics.exists():
         last = pd.read_csv(metrics).query("kind == 'epoch'").iloc[-1]
@@ -96,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-html", action="store_true")
     parser.add_argument(
+        "--strict", action="store_true",
+        help="fail when notebook 04's CNN did not beat the colour baseline and chance",
+    )  # fmt: skip
+    parser.add_argument(
         "--sweep",
         type=int,
         nargs="*",
@@ -116,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for path in done:
         print(f"  {path.name}")
-    for line in summary(out_dir.parent):
+    for line in summary(out_dir.parent, args.strict):
         print(line)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from helpers import checkpoint, data, objects, shards, storage, stream, transforms
+from helpers.progress import Callback, progress
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     from distributed import Client
@@ -116,25 +117,44 @@ def batches(keys: Sequence[str], size: int) -> list[list[str]]:
 
 
 def predict_on_cluster(
-    client: Client, checkpoint_url: str, options: dict | None, data_url: str, items: list
+    client: Client,
+    checkpoint_url: str,
+    options: dict | None,
+    data_url: str,
+    items: list,
+    callback: Callback | None = None,
 ) -> list[dict]:
-    """One task per work item, spread over the workers; rows in the order of ``items``."""
+    """One task per work item, spread over the workers; rows in the order of ``items``.
+
+    Progress (items done, as they finish): a notebook bar or log lines, and ``callback``."""
+    from distributed import as_completed
+
     futures = [
         client.submit(predict, checkpoint_url, options, data_url, item, threads=1, pure=False)
         for item in items
     ]
+    with progress(len(futures), "inference", callback, unit="task") as bar:
+        for _ in as_completed(futures):  # a failed batch raises below, in gather, with its error
+            bar.update()
     return [row for part in client.gather(futures) for row in part]
 
 
 def predict_locally(
-    checkpoint_url: str, options: dict | None, data_url: str, items: list, threads: int = 0
+    checkpoint_url: str,
+    options: dict | None,
+    data_url: str,
+    items: list,
+    threads: int = 0,
+    callback: Callback | None = None,
 ) -> list[dict]:
     """The baseline: the same work items, one after another, in this process.
 
     ``threads``: PyTorch threads (0: one per core, PyTorch's default).
     """
     return [
-        row for item in items for row in predict(checkpoint_url, options, data_url, item, threads)
+        row
+        for item in progress(items, "inference (local)", callback, unit="task")
+        for row in predict(checkpoint_url, options, data_url, item, threads=threads)
     ]
 
 

@@ -12,51 +12,117 @@ import functools
 import logging
 import queue
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 
 from helpers import shards, storage
 
 log = logging.getLogger(__name__)
 
+SIGNED_FOR_S = 12 * 3600  # presigned shard URLs live this long; older ones are not used
+
+
+def presign(url: str, options: dict, names: list[str]) -> dict:
+    """``{"at": time, "urls": {name: presigned GET URL}}`` for the shards ``names`` under an
+    ``s3://`` ``url``, else ``{}``.
+
+    Signed once per epoch in the training process, so that the loader processes (forked afresh
+    every epoch) GET shards with plain HTTP: an S3 client costs each new process ~0.3 s of CPU
+    (botocore's models and endpoint rules) and its first GET waits for that.
+    """
+    if storage.split_url(url)[0] != "s3":
+        return {}
+    fs = storage.filesystem(url, options)
+    root = storage.split_url(url)[1]
+    try:
+        urls = {n: fs.sign(f"{root}/{n}", expiration=SIGNED_FOR_S) for n in names}
+    except Exception as err:  # noqa: BLE001 - the loader processes fall back to the S3 client
+        log.info("cannot presign shard URLs under %s (%s); GETs go through s3fs", url, err)
+        return {}
+    return {"at": time.time(), "urls": urls}
+
 
 class Prefetcher:
     """GETs whole shards in a background thread, up to ``depth`` ahead of the reader; yields
-    ``(name, bytes or the exception)`` in order. Use as a context manager."""
+    ``(name, bytes or the exception)`` in order. Use as a context manager.
 
-    def __init__(self, url: str, options: dict, names: list[str], depth: int):
-        self.url, self.options, self.names = url, options, names
+    ``signed`` (:func:`presign`): shards with a fresh presigned URL are read by plain HTTP; a
+    failed one (expired, refused) is read again through the S3 client, as the rest are.
+    ``depth=0``: no thread, each shard GET only when the reader asks for it. ``cache``: shards
+    found there are not fetched; the first shard fetched is kept there (the padding at the end
+    of an epoch repeats a process's first samples: one shard, not another GET).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        options: dict,
+        names: list[str],
+        depth: int,
+        signed: dict | None = None,
+        cache: dict | None = None,
+    ):
+        self.url, self.options, self.names, self.depth = url, options, names, depth
+        self.cache = cache
+        fresh = signed and time.time() - signed["at"] < SIGNED_FOR_S - 600
+        self.signed: dict[str, str] = signed["urls"] if fresh else {}
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
 
     def __enter__(self) -> Prefetcher:
-        self.thread.start()
+        if self.depth > 0:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()  # the thread ends after the GET in flight; nobody waits for it
 
     def __iter__(self):
-        for _ in self.names:
-            yield self.queue.get()
-
-    def _run(self) -> None:
-        root = storage.split_url(self.url)[1]
         for name in self.names:
-            if self.stop.is_set():
-                return
+            yield self.queue.get() if self.depth > 0 else (name, self._get(name))
+
+    def _get(self, name: str):
+        """The shard's bytes (or the exception): cache, presigned URL, else the S3 client."""
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        item = self._signed_get(name)
+        if item is None:
+            root = storage.split_url(self.url)[1]
             try:
                 fs = storage.filesystem(self.url, self.options)
                 get = functools.partial(fs.cat_file, f"{root}/{name}")
                 item = storage.retrying(get, self.url, self.options)
-            except Exception as err:  # noqa: BLE001 - handed to the reader, which names the shard
-                item = err
+            except Exception as err:  # noqa: BLE001 - handed to the reader, who names it
+                return err
+        if self.cache is not None and not self.cache:
+            self.cache[name] = item
+        return item
+
+    def _run(self) -> None:
+        for name in self.names:
+            if self.stop.is_set():
+                return
+            item = self._get(name)
             while not self.stop.is_set():
                 try:
                     self.queue.put((name, item), timeout=0.2)
                     break
                 except queue.Full:
                     pass
+
+    def _signed_get(self, name: str) -> bytes | None:
+        """The shard by its presigned URL; None when there is none or it failed."""
+        url = self.signed.get(name)
+        if url is None:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - our endpoint
+                return resp.read()
+        except Exception as err:  # noqa: BLE001 - the S3 client tries again and names the error
+            log.debug("presigned GET of %s failed (%s); retrying through s3fs", name, err)
+            return None
 
 
 def raw_samples(
@@ -69,12 +135,16 @@ def raw_samples(
     stats: dict[str, int],
     warn: bool,
     rebuild: str,
+    signed: dict | None = None,
+    cache: dict | None = None,
 ) -> Iterator[tuple[str, bytes, int, str]]:
     """``(key, image bytes, label, shard)`` of samples ``[first, end)`` of each ``(shard name,
     first, end)`` in ``parts``, shards GET whole ``prefetch`` ahead. Bad shards and members are
-    skipped (and, with ``warn``, counted in ``stats`` and logged naming ``rebuild``)."""
+    skipped (and, with ``warn``, counted in ``stats`` and logged naming ``rebuild``).
+    ``signed``: presigned URLs (:func:`presign`) to GET the shards by; ``cache``: see
+    :class:`Prefetcher`."""
     names = [name for name, _, _ in parts]
-    with Prefetcher(where, options, names, prefetch) as fetched:
+    with Prefetcher(where, options, names, prefetch, signed, cache) as fetched:
         for (_, first, end), (name, blob) in zip(parts, fetched, strict=True):
             url = storage.join(where, name)
             if isinstance(blob, storage.StorageUnavailable):

@@ -35,6 +35,7 @@ FORMAT = "webdataset-tar/1"
 DEFAULT_SHARD_SIZE = 48
 # What reading a damaged shard raises: tarfile's own errors, or EOF inside a member.
 DAMAGED = (tarfile.TarError, EOFError, OSError)
+FORMATS = ("auto", "objects", "shards")  # data_format values
 
 
 class ShardIndexError(storage.StorageError):
@@ -175,3 +176,12 @@ def check_index(
                 f"{name}={asked}; use {name}={index[name]} or rebuild them with: "
                 f"{rebuild_command(manifest.url, val_fraction, seed)}"
             )
+
+
+def resolve_format(data_format: str, url: str, options: dict | None = None) -> str:
+    """``"auto"`` -> ``"shards"`` where a shard index exists, else ``"objects"``."""
+    if data_format not in FORMATS:
+        raise ValueError(f"data_format={data_format!r}; allowed: {', '.join(map(repr, FORMATS))}")
+    if data_format == "auto":
+        return "shards" if has_shards(url, options) else "objects"
+    return data_format

@@ -168,12 +168,8 @@ def write_shards_from_archive(
                     spool.write(blob)
         if not where:
             raise ValueError(f"{images_tar}: no images in the archive")
-        official = {}
-        if lists_tar:
-            with tarfile.open(lists_tar) as tar:
-                for name in ("train", "test"):
-                    raw = tar.extractfile(f"{name}_list.mat").read()
-                    official[name] = ["Images/" + f for f in data.read_mat_list(raw)]
+        lists = data.official_lists(lists_tar) if lists_tar else {}
+        official = {name: keys for name, (_, keys) in lists.items()}
         manifest = data.make_manifest(url, sorted(where), official)
 
         def fetch(keys: list[str]) -> dict[str, bytes]:

@@ -7,8 +7,9 @@ Every epoch, in every rank and DataLoader process alike:
    one per loader process, each at most its quota (:func:`rank_quota`, :func:`worker_batches`):
    every image of the split goes to exactly one process. A shard straddling two runs is fetched
    by both, each keeping its part: at most one extra GET per process and epoch;
-3. a process GETs its shards whole, a background thread fetching the next ``prefetch`` while
-   the current one decodes, and mixes the samples in a seeded shuffle buffer;
+3. a process GETs its shards whole (by URLs presigned in the training process: no S3 client to
+   start in each loader process), a background thread fetching the next ``prefetch`` while the
+   current one decodes, and mixes the samples in a seeded shuffle buffer;
 4. a process whose samples fall short of its quota (rounding up to whole batches, a corrupt
    image, a missing shard) repeats its own samples, so every rank yields the same number of
    batches and DDP's collectives never wait for a rank that has stopped.
@@ -24,9 +25,10 @@ import itertools
 import logging
 import random
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from helpers import data, shardread, shards, storage, transforms
+from helpers.shards import FORMATS, resolve_format  # noqa: F401 - the loaders' entry points
 from helpers.streamplan import (
     consumed_batches,
     plan,
@@ -38,8 +40,6 @@ from helpers.streamplan import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "objects", "shards")
-
 
 class ShardStream(IterableDataset):
     """One rank's share of a split's shards, epoch after epoch; see the module's docstring.
@@ -50,6 +50,8 @@ class ShardStream(IterableDataset):
     :meth:`set_epoch` reaches them. ``stats`` counts what the last iteration in *this* process
     met (corrupt samples, missing or damaged shards, padding); loader processes log theirs.
     """
+
+    decode = staticmethod(transforms.decode_image)  # GPU decode keeps the bytes instead
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class ShardStream(IterableDataset):
         transform=None,
         with_keys: bool | None = None,
         draft: bool = True,
+        presign: bool = True,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; allowed: 'train', 'val'")
@@ -97,17 +100,21 @@ class ShardStream(IterableDataset):
         self.draft = draft  # JPEG draft decoding at image_size (off: full-size decodes)
         self.epoch, self.num_workers, self._resume = 0, 0, None
         self.stats: dict[str, int] = {}
+        self.presign, self._signed = presign, {}
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch, the same on every rank (whole batches)."""
         return rank_quota(self.total, self.world_size, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the shard order and shuffle of ``epoch``; a restored position of another epoch
-        is dropped."""
+        """Use the shard order and shuffle of ``epoch`` (and presign its shard URLs); a restored
+        position of another epoch is dropped."""
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
         self.epoch = epoch
+        if self.presign:  # here, in the training process: see shardread.presign
+            self._signed = shardread.presign(self.where, self.options, self.names)
 
     def shard_order(self) -> list[int]:
         """The shards in this epoch's order: seeded by (seed, epoch), the same on every rank."""
@@ -190,9 +197,10 @@ class ShardStream(IterableDataset):
         self.stats = stats = dict.fromkeys(
             ("samples", "padding", "corrupt", "missing_shards", "damaged_shards"), 0
         )
-        parts = [self._decoded(ranges, worker, stats, warn=True)]
+        cache: dict = {}  # the first shard, for the padding
+        parts = [self._decoded(ranges, worker, stats, warn=True, cache=cache)]
         if self.train:  # then repeat samples until the quota is met: see _padding
-            parts.append(self._padding(ranges, worker, stats))
+            parts.append(self._padding(ranges, worker, stats, cache))
         produced = 0
         for key, img, label, padding in itertools.chain(*parts) if quota else ():
             if produced >= skip:
@@ -215,7 +223,7 @@ class ShardStream(IterableDataset):
         x = self.transform(img)
         return (x, label, key, padding) if self.with_keys else (x, label)
 
-    def _decoded(self, ranges, worker: int, stats: dict, warn: bool, padding: bool = False):
+    def _decoded(self, ranges, worker, stats: dict, warn: bool, padding=False, cache=None):
         """``(key, image, label, padding)`` of the samples in ``ranges``, decoded, in this
         process's deterministic order (seeded by seed, epoch, rank and process)."""
         raw = shardread.raw_samples(
@@ -223,17 +231,19 @@ class ShardStream(IterableDataset):
             self.options,
             [(self.names[i], first, end) for i, first, end in ranges],
             classes=len(self.classes),
-            prefetch=self.prefetch,
+            prefetch=0 if padding else self.prefetch,  # padding: a few samples, fetched lazily
             stats=stats,
             warn=warn,
             rebuild=shards.rebuild_command(self.url),
+            signed=self._signed,
+            cache=cache,
         )
-        if self.train and self.shuffle_buffer > 1:
+        if self.train and self.shuffle_buffer > 1 and not padding:  # padding: as stored
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for key, blob, label, shard in raw:
             try:
-                img = transforms.decode_image(blob, key, self.image_size if self.draft else None)
+                img = self.decode(blob, key, self.image_size if self.draft else None)
             except ValueError as err:  # not an image; the message names the key
                 if warn:
                     stats["corrupt"] += 1
@@ -241,7 +251,7 @@ class ShardStream(IterableDataset):
                 continue
             yield key, img, label, padding
 
-    def _padding(self, ranges, worker: int, stats: dict):
+    def _padding(self, ranges, worker: int, stats: dict, cache: dict | None = None):
         """Samples to repeat once the process's own run out: its own again, in the same order;
         if it has none (a tiny split over many processes, all its shards missing), its rank's,
         else any. Endless: the caller stops at the quota."""
@@ -251,7 +261,7 @@ class ShardStream(IterableDataset):
             got = True
             while got:
                 got = False
-                for item in self._decoded(source, worker, stats, warn=False, padding=True):
+                for item in self._decoded(source, worker, stats, False, True, cache):
                     got = True
                     yield item
         raise storage.StorageError(
@@ -268,14 +278,12 @@ def _blank(size: int):
 
 def make_shard_loader(
     dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 2
-):
+) -> DataLoader:
     """A DataLoader over a :class:`ShardStream`, batched at the stream's ``batch_size``.
 
     Workers are not persistent: each epoch's processes are forked from the stream as it is then,
     so :meth:`ShardStream.set_epoch` and :meth:`ShardStream.load_state_dict` reach them.
     """
-    from torch.utils.data import DataLoader
-
     dataset.num_workers = num_workers
     return DataLoader(
         dataset,
@@ -286,12 +294,3 @@ def make_shard_loader(
         persistent_workers=False,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
-
-
-def resolve_format(data_format: str, url: str, options: dict | None = None) -> str:
-    """``"auto"`` -> ``"shards"`` where a shard index exists, else ``"objects"``."""
-    if data_format not in FORMATS:
-        raise ValueError(f"data_format={data_format!r}; allowed: {', '.join(map(repr, FORMATS))}")
-    if data_format == "auto":
-        return "shards" if shards.has_shards(url, options) else "objects"
-    return data_format

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from helpers import checkpoint, monitor, rankctl, storage
 from helpers.config import TrainConfig
-from helpers.loaders import make_loaders, start_epoch, without_padding
+from helpers.loaders import batch_to_device, make_loaders, start_epoch, without_padding
 from helpers.meter import StepMeter, placeholder_batch
 from helpers.model import build_model, param_sum
 from helpers.position import position_of, seek
@@ -103,9 +103,8 @@ def train_one_epoch(
     meter = StepMeter(device, epoch, steps, cfg, rank)
     for step, batch in zip(range(first_step, steps), loader, strict=False):  # stop at steps
         empty = batch is None  # every image of the batch was unreadable (and logged)
-        images, labels = (
-            t.to(device, non_blocking=True) for t in batch or placeholder_batch(cfg.image_size)
-        )
+        # Copied, or with GPU decode decoded and augmented, on the device: part of the data wait.
+        images, labels = batch_to_device(batch or placeholder_batch(cfg.image_size), loader, device)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         meter.waited()
@@ -149,7 +148,7 @@ def evaluate(
             rankctl.beat()
             if batch is None:
                 continue
-            images, labels = (t.to(device, non_blocking=True) for t in without_padding(batch))
+            images, labels = batch_to_device(without_padding(batch), loader, device)
             if not len(labels):
                 continue
             logits = model(images).float()

@@ -1,17 +1,27 @@
-"""Image decoding and the training / evaluation transforms (CPU, PIL), ending in uint8 tensors.
+"""Image decoding and the training / evaluation transforms, ending in uint8 tensors.
 
-Normalisation happens on the device, inside the model (``helpers.model.build_model``): the loaders
-ship a quarter of the bytes of float32 and the CPU skips two passes over every image.
+Two paths with one meaning. The CPU path (:func:`decode_image`, :func:`train_transform`,
+:func:`eval_transform`) works on PIL images in the loader processes. The tensor path
+(:func:`train_tensors`, :func:`eval_tensors`) works on decoded uint8 tensors wherever they are,
+on the GPU after ``helpers.gpudecode`` has decoded a batch there: the same crop sampler
+(:func:`crop_box` is torchvision's ``RandomResizedCrop.get_params`` draw for draw), the same flip,
+the same eval resize and centre crop, antialiased bilinear resizing in both. Normalisation happens
+on the device, inside the model (``helpers.model.build_model``): both paths end in uint8.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import torch
     from PIL import Image
+
+SCALE, RATIO = (0.25, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's area and aspect ranges
+FLIP_P = 0.5
 
 
 class BadImageError(ValueError):
@@ -58,8 +68,8 @@ def train_transform(image_size: int) -> Callable:
 
     return T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(image_size, scale=SCALE, ratio=RATIO, antialias=True),
+            T.RandomHorizontalFlip(FLIP_P),
             T.PILToTensor(),
         ]
     )
@@ -71,26 +81,124 @@ def eval_transform(image_size: int) -> Callable:
 
     return T.Compose(
         [
-            T.Resize(round(image_size * 8 / 7), antialias=True),
+            T.Resize(eval_short_side(image_size), antialias=True),
             T.CenterCrop(image_size),
             T.PILToTensor(),
         ]
     )
 
 
-class ShufflePixels:
-    """Put a uint8 CHW tensor's pixels in a random order: the same colour histogram, no shape.
+def eval_short_side(image_size: int) -> int:
+    """The short side evaluation resizes to before the centre crop: 8/7 of ``image_size``."""
+    return round(image_size * 8 / 7)
 
-    The control experiment: a network that learns from these learned colour counts, not
-    spatial structure. Uses torch's global generator (seeded per loader worker).
+
+def crop_box(
+    height: int, width: int, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop: torchvision's ``RandomResizedCrop.get_params``
+    (area ``SCALE``, aspect ``RATIO``) draw for draw, from ``generator`` instead of the global
+    generator, so a seeded generator gives the crops the CPU path gives under the same seed."""
+    import torch
+
+    area = height * width
+    log_ratio = torch.log(torch.tensor(RATIO))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(*SCALE, generator=generator).item()
+        lo, hi = float(log_ratio[0]), float(log_ratio[1])
+        aspect = torch.exp(torch.empty(1).uniform_(lo, hi, generator=generator)).item()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator))
+            return top, left, h, w
+    ratio = width / height  # ten misses (extreme shapes): the centre crop, as torchvision does
+    w, h = width, height
+    if ratio < min(RATIO):
+        h = int(round(w / min(RATIO)))
+    elif ratio > max(RATIO):
+        w = int(round(h * max(RATIO)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, h, w) -> float (1, 3, *size): antialiased bilinear, PIL's filter."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x[None].float(), size, mode="bilinear", antialias=True)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def train_tensors(
+    images: Sequence[torch.Tensor], image_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """:func:`train_transform` on decoded uint8 (3, H, W) tensors, on their device: a random
+    resized crop and a random flip per image, drawn in the CPU path's order; uint8 (N, 3, S, S).
+
+    One crop-and-resize per image (the crops differ in size), one flip and one cast per batch."""
+    import torch
+
+    s = image_size
+    out = torch.empty(len(images), 3, s, s, device=_device(images))
+    flips = []
+    for k, x in enumerate(images):
+        top, left, h, w = crop_box(x.shape[1], x.shape[2], generator)
+        out[k] = _resize(x[:, top : top + h, left : left + w], (s, s))[0]
+        if torch.rand(1, generator=generator).item() < FLIP_P:
+            flips.append(k)
+    if flips:
+        index = torch.tensor(flips, device=out.device)
+        out[index] = out[index].flip(-1)
+    return _to_uint8(out)
+
+
+def eval_tensors(images: Sequence[torch.Tensor], image_size: int) -> torch.Tensor:
+    """:func:`eval_transform` on decoded uint8 (3, H, W) tensors: the short side resized to
+    :func:`eval_short_side` (the long side as torchvision computes it), then the centre crop."""
+    import torch
+
+    s, short = image_size, eval_short_side(image_size)
+    out = torch.empty(len(images), 3, s, s, device=_device(images))
+    for k, x in enumerate(images):
+        h, w = x.shape[1:]
+        rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+        top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+        out[k] = _resize(x, (rh, rw))[0, :, top : top + s, left : left + s]
+    return _to_uint8(out)
+
+
+def _device(images: Sequence[torch.Tensor]):
+    return images[0].device if len(images) else "cpu"
+
+
+def shuffle_pixels(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (uint8 ``(3, H, W)`` or ``(N, 3, H, W)``) with each image's pixels permuted.
+
+    The colour histogram of every image is kept exactly; every spatial structure is gone. Each
+    image gets its own permutation (``generator``: a ``torch.Generator`` for repeatability).
     """
+    import torch
 
-    def __call__(self, x):
-        import torch
+    batch = x if x.dim() == 4 else x[None]
+    n, c, h, w = batch.shape
+    order = torch.rand(n, h * w, generator=generator).argsort(1)
+    flat = batch.reshape(n, c, h * w)
+    out = flat.gather(2, order[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
+    return out if x.dim() == 4 else out[0]
 
-        c, h, w = x.shape
-        order = torch.randperm(h * w)
-        return x.reshape(c, h * w)[:, order].reshape(c, h, w)
+
+class ShufflePixels:
+    """The control run's last transform (:func:`shuffle_pixels`): a network that learns from
+    these images learned colour counts, not shapes. Uses torch's global generator, seeded per
+    loader process."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return shuffle_pixels(x)
 
 
 class Compose:

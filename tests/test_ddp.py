@@ -149,7 +149,7 @@ def test_unknown_cluster_names_the_allowed_values():
 
 
 def test_unreachable_scheduler_fails_within_seconds():
-    from helpers.storage import free_ports
+    from helpers.s3server import free_ports
 
     (port,) = free_ports(1)
     start = time.monotonic()

@@ -312,14 +312,36 @@ def test_from_the_official_archive_shards_only(s3, dogs, tmp_path):
 
 
 def test_an_epoch_gets_each_shard_once_and_no_image(sharded, s3):
-    """Counted at the server side: one GET per shard (the index once, in this process)."""
+    """Counted at the server side: one GET per shard in one process; with two processes and
+    padding (32 images in batches of 5), at most one more per process (a straddled shard),
+    never a second read of a process's shards for its padding."""
     from helpers import s3proxy
 
     url, options, manifest, index = sharded
-    with s3proxy.S3Proxy(s3.endpoint_url) as proxy:
-        ds = _stream(url, {**options, "endpoint_url": proxy.url}, manifest, with_keys=False)
-        assert sum(len(b[1]) for b in stream.make_shard_loader(ds, 1)) == len(ds)
-        gets = Counter(path for method, path in proxy.log if method == "GET")
-    shard_paths = {p for p in gets if p.endswith(".tar")}
-    assert len(shard_paths) == len(index["splits"]["train"]["shards"])
-    assert set(gets.values()) == {1} and len(gets) == len(shard_paths) + 1  # + index.json
+    n_shards = len(index["splits"]["train"]["shards"])
+    for workers, batch in ((1, 4), (2, 5)):
+        with s3proxy.S3Proxy(s3.endpoint_url) as proxy:
+            opts = {**options, "endpoint_url": proxy.url}
+            ds = _stream(url, opts, manifest, with_keys=False, batch_size=batch)
+            got = sum(len(b[1]) for b in stream.make_shard_loader(ds, workers))
+            gets = Counter(path for method, path in proxy.log if method == "GET")
+        assert got == len(ds) and (workers == 1 or len(ds) > 32)  # the second one pads
+        tars = {p: n for p, n in gets.items() if p.endswith(".tar")}
+        assert len(tars) == n_shards and set(gets) - set(tars) == {f"/{index_path(url)}"}
+        assert sum(tars.values()) <= n_shards + (workers - 1), tars
+
+
+def index_path(url: str) -> str:
+    return storage.split_url(storage.join(shards.location(url), shards.INDEX))[1]
+
+
+def test_a_failed_presigned_get_falls_back_to_the_s3_client(sharded):
+    import time
+
+    url, options, manifest, _ = sharded
+    ds = _stream(url, options, manifest)
+    assert set(ds._signed["urls"]) == set(ds.names)  # signed in this process
+    ds.presign = False  # keep these (refused) URLs: every shard must come through s3fs instead
+    ds._signed = {"at": time.time(), "urls": {n: "http://127.0.0.1:9/refused" for n in ds.names}}
+    real = [k for b in _epoch(ds, num_workers=1) for k, pad in b if not pad]
+    assert sorted(real) == sorted(data.split(manifest, 0.2, 0).train)

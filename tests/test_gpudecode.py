@@ -1,0 +1,144 @@
+"""GPU decode, checked on CPU: the tensor path is the same code on CPU tensors.
+
+Tolerance: the two paths decode with different decoders (PIL's libjpeg-turbo in the loader; here
+torchvision's CPU decoder, on a GPU nvJPEG, whose IDCT and chroma upsampling differ by a level or
+two) and resize with two implementations of the same antialiased bilinear filter (PIL's, on uint8
+with its own rounding; torch's, in float rounded once). On the same crop, a mean absolute
+difference under 3 levels of 255 (about 1%) is the same picture; a wrong crop, a flip out of turn
+or a swapped axis gives tens of levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data, ddp, gpudecode, loaders, prepare, shardwrite, transforms
+from helpers.config import TrainConfig
+
+TOLERANCE = 3.0  # mean absolute difference, levels of 255
+
+
+def _photo(w=500, h=375, seed=0, mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _decoded(blob: bytes) -> torch.Tensor:
+    from torchvision.io import decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 333), (20, 900), (224, 224)])
+def test_crop_sampler_is_torchvisions_draw_for_draw(height, width):
+    from torchvision.transforms import RandomResizedCrop
+
+    for seed in range(25):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(
+            torch.zeros(3, height, width), list(transforms.SCALE), list(transforms.RATIO)
+        )
+        got = transforms.crop_box(height, width, torch.Generator().manual_seed(seed))
+        assert got == expected
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_tensor_path_matches_the_pil_path(size):
+    blob = _photo()
+    pil, x = transforms.decode_image(blob, "photo"), _decoded(blob)  # full size: no draft
+    flips = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        cpu = transforms.train_transform(size)(pil)
+        gpu = transforms.train_tensors([x], size, torch.Generator().manual_seed(seed))[0]
+        assert gpu.shape == cpu.shape == (3, size, size) and gpu.dtype == torch.uint8
+        assert (cpu.float() - gpu.float()).abs().mean() < TOLERANCE, seed
+        flips.add(bool((cpu.float() - cpu.flip(-1).float()).abs().mean() > 10))
+    cpu, gpu = transforms.eval_transform(size)(pil), transforms.eval_tensors([x], size)[0]
+    assert (cpu.float() - gpu.float()).abs().mean() < TOLERANCE
+    # a crop from the wrong place would fail the tolerance: check that the test can fail
+    torch.manual_seed(0)
+    other = transforms.train_tensors([x], size, torch.Generator().manual_seed(1))[0]
+    assert (transforms.train_transform(size)(pil).float() - other.float()).abs().mean() > 10
+
+
+def test_jpeg_header_routes_what_nvjpeg_cannot_take_to_the_cpu():
+    assert gpudecode.for_nvjpeg(_photo())
+    assert gpudecode.for_nvjpeg(_photo(mode="L"))
+    assert not gpudecode.for_nvjpeg(_photo(mode="CMYK"))
+    assert not gpudecode.for_nvjpeg(_photo(fmt="PNG"))
+    assert not gpudecode.for_nvjpeg(b"not an image at all")
+
+
+def test_bytes_batches_decode_with_fallbacks_counted_and_labels_aligned():
+    good, cmyk, png = _photo(seed=1), _photo(mode="CMYK"), _photo(fmt="PNG")
+    broken = good[:200] + bytes(len(good) - 200)  # a JPEG header, then zeros: no decoder reads it
+    with pytest.raises(transforms.BadImageError, match="key7"):
+        gpudecode.keep_jpeg(b"garbage", "key7")
+    samples = [(gpudecode.keep_jpeg(b, f"k{i}"), i) for i, b in enumerate([good, cmyk, png])]
+    samples.insert(1, (broken, 9))
+    images, labels = gpudecode.collate(samples)
+    assert len(images) == 4 and images.nvjpeg.tolist() == [True, True, False, False]
+    mover = gpudecode.ToDevice(32, train=False)
+    x, y = mover((images, labels), torch.device("cpu"))
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.tolist() == [0, 1, 2]  # the broken one left out, its label with it
+    assert mover.stats["cpu_fallback"] == 3 and mover.stats["unreadable"] == 1
+    expected = transforms.eval_transform(32)(transforms.decode_image(png, "png"))
+    assert (x[2].float() - expected.float()).abs().mean() < TOLERANCE
+
+
+def test_padding_mask_selects_from_a_bytes_batch():
+    blobs = [_photo(seed=s) for s in range(3)]
+    batch = (gpudecode.JpegBatch.of(blobs), torch.tensor([0, 1, 2]), ["a", "b", ""],
+             torch.tensor([False, False, True]))  # fmt: skip
+    images, labels = loaders.without_padding(batch)
+    assert len(images) == 2 and labels.tolist() == [0, 1]
+    assert [b.numpy().tobytes() for b in images.blobs()] == blobs[:2]
+
+
+def test_decode_parameter_is_checked_by_name():
+    with pytest.raises(ValueError, match="decode="):
+        TrainConfig(data_url="x", decode="nvjpeg")
+    assert gpudecode.resolve_decode("auto", torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="decode='gpu' needs a CUDA device"):
+        gpudecode.resolve_decode("gpu", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("data_format", ["objects", "shards", "synthetic"])
+def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, data_format):
+    url = str(tmp_path / "dogs")
+    manifest = prepare.write_synthetic(url, None, 2, 6, seed=0)
+    shardwrite.write_shards(url, None, val_fraction=0.25, seed=0, shard_size=4, manifest=manifest)
+    monkeypatch.setattr(gpudecode, "resolve_decode", lambda decode, device: "gpu")  # on CPU
+    cfg = TrainConfig(data_url=url, image_size=32, batch_size=3, loader_workers=0,
+                      val_fraction=0.25, data_format=data_format, decode="gpu")  # fmt: skip
+    rank = ddp.Rank(0, 1, 0, 1, "127.0.0.1", 0, "w")
+    device = torch.device("cpu")
+    classes, train, val = loaders.make_loaders(cfg, None, rank, device)
+    loaders.start_epoch(train, 1, cfg, rank)
+    batch = next(iter(train))
+    if data_format != "synthetic":
+        assert isinstance(batch[0], gpudecode.JpegBatch)
+    x, y = loaders.batch_to_device(batch, train, device)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8 and len(y) == 3
+    assert set(y.tolist()) <= set(range(len(classes)))
+    seen = sum(len(loaders.batch_to_device(loaders.without_padding(b), val, device)[1])
+               for b in val)  # fmt: skip
+    n_val = len(data.split(manifest, 0.25, 0).val)
+    assert seen == (n_val if data_format != "synthetic" else -(-n_val // 3) * 3)  # whole batches
+    monkeypatch.undo()
+    again = dataclasses.replace(cfg, decode="auto")  # on CPU: the loader processes decode
+    if data_format != "synthetic":
+        assert loaders.make_loaders(again, None, rank, device)[1].collate_fn is data.collate

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -345,6 +346,20 @@ def _check_notebook(hosts, cluster, driven) -> None:
     assert len(losses) == 1 and losses.map(math.isfinite).all(), metrics
 
 
+def _listening_in(hosts, host: int) -> set[str]:
+    """The addresses TCP sockets listen on in namespace ``host`` (its /proc/net/tcp, tcp6)."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        done = hosts.run(host, ["cat", f"/proc/net/{table}"], timeout=15)
+        for line in done.stdout.splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                raw = bytes.fromhex(local.split(":")[0])
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
 def _text(cell) -> str:
     return "\n".join(
         o.get("text", "")
@@ -362,6 +377,13 @@ class TestTCP:
 
     def test_two_ranks_train_across_two_hosts(self, hosts, cluster, driven):
         _check_ranks(hosts, cluster, driven)
+
+    def test_everything_in_the_namespaces_listens_on_their_own_addresses(self, hosts, driven):
+        """Scheduler, its dashboard, nannies, workers and the S3 server: on the namespace's
+        address (SeaweedFS adds loopback twins of its ports), never on every interface."""
+        for host, addr in enumerate(hosts.addrs):
+            found = _listening_in(hosts, host)
+            assert addr in found and found <= {addr, "127.0.0.1", "::1"}, found
 
 
 class TestTLS:

@@ -3,11 +3,12 @@
 The `dask scheduler` and one `dask worker` per namespace run from the command line with the
 settings notebook 03 documents (a Dask config file made from ``helpers.cluster.DASK_CONFIG``),
 the embedded S3 server listens on the first namespace's address, and 2 DDP ranks train with gloo
-across the namespaces: through the helpers notebook 04 calls, then through notebook 04 itself
-(papermill), over TCP and then over TLS with certificate files made here. The client side runs
-inside the first namespace (``ip netns exec``): the namespaces have no route but their own
-/24 and loopback, so no traffic can go anywhere else. Namespaces, veth pair and every process in
-them are removed at the end, whatever happened.
+across the namespaces through the helpers notebook 04 calls, over TCP, then over TLS with
+certificate files made here, where notebook 04 itself (papermill) connects too, through its
+``cluster`` and ``tls_dir`` parameters. The client side runs inside the first namespace (``ip
+netns exec``): the namespaces have no route but their own /24 and loopback, so no traffic can go
+anywhere else. Namespaces, veth pair and every process in them are removed at the end, whatever
+happened.
 """
 
 from __future__ import annotations
@@ -152,9 +153,11 @@ def hosts(tmp_path_factory):
             _ip("-n", ns, "link", "set", "lo", "up")
         yield hosts
     finally:
-        for ns in made:
-            _end_processes(ns, hosts.procs)
-            _ip("netns", "del", ns)
+        for ns in made:  # deleting a namespace removes its end of the veth pair
+            try:
+                _end_processes(ns, hosts.procs)
+            finally:
+                _ip("netns", "del", ns)
 
 
 def _wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout: float = 60.0):

@@ -140,7 +140,8 @@ class Monitor:
     def follow(
         self, job: Future, refresh_s: float = 2.0, gpus: bool = False, draw: Callable | None = None
     ) -> Any:
-        """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done.
+        """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done:
+        when records came (checked every ``refresh_s``), once per epoch's end however fast.
 
         ``job`` is a :class:`helpers.job.Job` (:func:`helpers.ddp.start`) or a
         ``concurrent.futures.Future``; returns its result, raising its error. Interrupting the
@@ -159,7 +160,7 @@ class Monitor:
         from IPython.display import display
 
         handle = display(None, display_id=True) if draw else None
-        told = 0
+        told, shown = 0, (0, 0)
         while True:
             finished = job.done() or _wait(job, refresh_s)
             if gpus and not finished:  # a job that ended may have lost the cluster with it
@@ -167,12 +168,30 @@ class Monitor:
             for r in self.restarts()[told:]:  # a line in the cell's output, beside the plot
                 log.warning(restart_line(r))
                 told += 1
-            if handle is not None and len(self.records):
-                fig = _figure(draw(self))
-                handle.update(fig)
-                _close(fig)
+            if handle is not None:
+                shown = self._redraw(handle, draw, shown)
             if finished:
                 return job.result()
+
+    def _redraw(self, handle, draw: Callable, shown: tuple[int, int]) -> tuple[int, int]:
+        """Draw the records as they were at each epoch's end not shown yet, then all of them:
+        every epoch shows, however fast the job ran between two refreshes. ``shown``: (epoch
+        records, records) drawn so far; returns the new one."""
+        import copy
+
+        with self._lock:
+            records = list(self.records)
+        ends = [i + 1 for i, r in enumerate(records) if r.get("kind") == "epoch"]
+        drawn = shown[1]
+        for n in [*ends[shown[0] :], len(records)]:
+            if n > drawn:
+                view = copy.copy(self)  # what draw() reads, as it was after n records
+                view.records = records[:n]
+                fig = _figure(draw(view))
+                handle.update(fig)
+                _close(fig)
+                drawn = n
+        return len(ends), drawn
 
     def close(self) -> None:
         self.client.unsubscribe_topic(self.topic)

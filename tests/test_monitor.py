@@ -104,3 +104,34 @@ def test_a_restart_reaches_the_live_plot_and_the_cell_output(caplog):
         assert watch.follow(done, draw=plots.live_training) == "history"
     told = [r.message for r in caplog.records if r.message.startswith("restart 1")]
     assert told == [monitor.restart_line(watch.restarts()[0])], caplog.text  # once
+
+
+def test_the_live_plot_shows_every_epoch_however_fast_the_job_ran(monkeypatch):
+    """Three epochs' records all arrived before the first refresh: still one picture each."""
+    from concurrent.futures import Future
+
+    import IPython.display
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers import plots
+
+    titles = []
+
+    class Handle:
+        def update(self, fig):
+            titles.append(fig._suptitle.get_text())
+
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: Handle())
+    client = _Client()
+    watch = monitor.Monitor(client, "t")
+    for epoch in (1, 2, 3):
+        end = {"kind": "epoch", "rank": 0, "epoch": epoch, "train_loss": 2.0, "val_loss": 2.0,
+               "val_top1": 0.3, "val_top5": 0.9, "train_img_per_s": 9.0,
+               "epoch_s": 1.0}  # fmt: skip
+        for record in (_step(epoch, 2), _step(epoch, 4), end):
+            client.handler((0.0, record))
+    done = Future()
+    done.set_result("history")
+    assert watch.follow(done, refresh_s=60, draw=plots.live_training) == "history"
+    assert [t.split(":")[0] for t in titles] == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]

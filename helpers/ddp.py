@@ -231,7 +231,8 @@ def run(
         job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
         raise
     finally:
-        lock.release()
+        if not jobs.scheduler_lost(client, ""):  # else the lock went with the scheduler
+            lock.release()
 
 
 def start(client: Client, fn: Callable, *args, **kwargs) -> jobs.Job:

@@ -3,6 +3,7 @@ that throttles or goes away, a kill during a checkpoint write. Every test checks
 really happened; time limits are generous liveness bounds, not speed targets."""
 
 import _thread
+import contextlib
 import logging
 import sys
 import threading
@@ -115,6 +116,78 @@ def test_a_hung_rank_is_named_within_hang_s_not_the_job_timeout(client):
     assert ddp.run(client, _sum, lock_timeout_s=10, timeout_s=60) == [0, 1]
 
 
+def _beating(*, rank, device):
+    """A rank that makes progress for an hour, telling the notebook it started."""
+    monitor.publish("test-scheduler", {"rank": rank.rank, "running": True})
+    for _ in range(36_000):
+        time.sleep(0.1)
+        rankctl.beat()
+
+
+@pytest.fixture
+def own_scheduler(tmp_path):
+    """A `dask scheduler` and a one-process `dask worker`, as command lines on loopback (a
+    scheduler the test can SIGKILL): yields (address, scheduler process)."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    from helpers.s3server import free_ports
+
+    repo = Path(__file__).resolve().parents[1]
+    # Workers import helpers; the scheduler and workers import this module, as Dask sends
+    # functions of an importable module by reference.
+    path = [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"  # as notebook 03 says: ranks fork loaders
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    dask = [sys.executable, "-m", "dask"]
+    common = dict(env=env, cwd=repo, start_new_session=True, stdin=subprocess.DEVNULL)
+    port, loopback = address.rsplit(":", 1)[1], ["--host", "127.0.0.1", "--no-dashboard"]
+    worker = [*dask, "worker", address, "--nworkers", "1", "--nthreads", "1", *loopback]
+    procs = []
+    for name, cmd in (("scheduler", [*dask, "scheduler", "--port", port, *loopback]),
+                      ("worker", worker)):  # fmt: skip
+        with open(tmp_path / f"{name}.log", "wb") as log:  # the process keeps its own copy
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, **common))
+    try:
+        yield address, procs[0]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def test_losing_the_scheduler_ends_the_job_naming_it(own_scheduler):
+    """The scheduler is SIGKILLed while a job runs: following the job (as notebook 04 does)
+    raises an error that names the scheduler, within seconds; the lock is not waited for."""
+    from distributed import Client
+
+    from helpers import job as jobs
+
+    address, scheduler = own_scheduler
+    client = Client(address, timeout=60)  # long: the cell must not wait for the reconnection
+    try:
+        client.wait_for_workers(1, timeout=120)
+        watch = monitor.Monitor(client, "test-scheduler")
+        job = ddp.start(client, _beating, timeout_s=120)
+        deadline = time.monotonic() + 180  # torch's import on a loaded machine
+        while not watch.records and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watch.records, job.exception(0) if job.done() else "the rank did not start"
+        scheduler.kill()
+        killed = time.monotonic()
+        with pytest.raises(jobs.SchedulerLost, match=f"lost the Dask scheduler at {address}"):
+            watch.follow(job, refresh_s=0.2)
+        took = time.monotonic() - killed
+        logging.getLogger(__name__).warning("scheduler loss reported in %.1f s", took)
+        assert took < 10
+    finally:
+        client.close(timeout=10)
+
+
 # --- S3: transient failures retried and counted, permanent ones at once -----------------------
 
 
@@ -194,6 +267,103 @@ def test_missing_keys_and_buckets_fail_at_once_without_retries(dogs):
     with pytest.raises((storage.StorageError, BadImageError), match="missing|does not exist"):
         _read_all("s3://no-such-bucket-here/x", options, ["a.jpg"])
     assert storage.retries() == before and time.monotonic() - began < 10
+
+
+# --- S3 faults while DDP trains: the ranks' loaders retry, the job finishes --------------------
+
+
+@pytest.fixture(scope="module")
+def own_s3(tmp_path_factory):
+    """An S3 server of this module's own, to kill and start again, with the tiny dataset as
+    objects and as shards of 4: (server, url)."""
+    from helpers import prepare, s3server, shardwrite
+
+    with s3server.EmbeddedS3(tmp_path_factory.mktemp("own-s3")) as server:
+        url = "s3://dogs/faults"
+        prepare.write_synthetic(url, server.storage_options, 4, 10, seed=0)
+        shardwrite.write_shards(url, server.storage_options, shard_size=4)
+        yield server, url
+
+
+def _small_job(client, url, options, tmp_path, **kw):
+    """Tiny 2-rank training (epochs of 4 steps, no checkpoints) started on ``client``, and its
+    monitor once rank 0 has taken a step: setup's first contact with S3 (the manifest, the
+    shard index: not retried, so a wrong endpoint fails at once) is over."""
+    from helpers import train
+
+    cfg = _train_config((url, options, None), tmp_path, checkpoint_url="", checkpoint_every=0,
+                        **kw)  # fmt: skip
+    watch = monitor.Monitor(client, cfg.topic)
+    job = ddp.start(client, train.train_rank, cfg, options, topic=cfg.topic, timeout_s=120)
+    _wait_for_step(watch, 1)
+    return job, watch
+
+
+def _wait_for_step(watch, step, timeout_s=180):
+    deadline = time.monotonic() + timeout_s  # a loaded machine takes ~15 s to import torch
+    while time.monotonic() < deadline:
+        if any(r.get("kind") == "step" and r["step"] >= step for r in list(watch.records)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout_s} s")
+
+
+def _finished_with_retries(job, epochs, timeout_s=300) -> int:
+    """Wait for the job; check both ranks trained every epoch, with no restart; the storage
+    retries all ranks (and their loader processes) made."""
+    history = job.result(timeout=timeout_s)
+    assert job.restarts == []  # the retries carried it through, not a restart
+    assert [[r["epoch"] for r in rank] for rank in history] == [list(range(1, epochs + 1))] * 2
+    return sum(r["s3_retries"] + r["val_s3_retries"] for rank in history for r in rank)
+
+
+def test_training_waits_for_an_s3_server_that_crashed_and_came_back(client, own_s3, tmp_path):
+    server, url = own_s3
+    # No loader processes: each step GETs its batch after the one before, so requests go on
+    # from the first step to the end of the second epoch, through the outage.
+    job, watch = _small_job(client, url, server.storage_options, tmp_path, loader_workers=0,
+                            data_format="objects")  # fmt: skip
+    server.stop(grace_s=0)  # SIGKILL: a crash, mid-epoch (rank 0 has taken a step)
+    down = time.monotonic()
+    try:
+        time.sleep(3)
+    finally:
+        server.start()  # the same ports and data folder: the ranks' endpoint answers again
+    back = time.monotonic()
+    retries = _finished_with_retries(job, 2)
+    watch.close()
+    logging.getLogger(__name__).warning(
+        "S3 down %.1f s (killed -> answering); %d retries; job done %.1f s after it was back",
+        back - down, retries, time.monotonic() - back)  # fmt: skip
+    assert retries > 0  # the outage really hit requests
+
+
+# Shards through a loader process (whose retries must reach the rank's records), objects in
+# the rank's own thread: one epoch each, faults from its first step on.
+@pytest.mark.parametrize(("kind", "fmt", "loader_workers"),
+                         [("503", "shards", 1), ("reset", "objects", 0)])  # fmt: skip
+def test_training_through_throttling_and_resets_completes(
+    client, own_s3, tmp_path, kind, fmt, loader_workers
+):
+    from helpers.s3proxy import Faults, S3Proxy
+
+    server, url = own_s3
+    with S3Proxy(server.endpoint_url) as proxy:
+        options = _through(proxy, server.storage_options)
+        job, watch = _small_job(client, url, options, tmp_path, epochs=1, data_format=fmt,
+                                loader_workers=loader_workers)  # fmt: skip
+        proxy.faults = Faults(kind, rate=0.3, seed=1)  # from now on: mid-run
+        proxy.reset()  # the seeded fault sequence starts here (seed 1: the first GET fails)
+        retries = _finished_with_retries(job, 1)
+        watch.close()
+        counts = proxy.counts()
+    faults = counts["faults"].get(kind, 0)
+    logging.getLogger(__name__).warning("%s %s: %d faults in %s GETs, %d retries", fmt, kind,
+                                        faults, counts["requests"].get("GET"), retries)  # fmt: skip
+    assert faults > 0  # the faults happened
+    # Every 503 is answered, so retried and counted; a reset kept-alive connection may be
+    # reopened below storage's loop by the HTTP client, so at least one counts.
+    assert retries >= (faults if kind == "503" else 1)
 
 
 # --- checkpoints: atomic, verified, pruned ----------------------------------------------------

@@ -237,6 +237,18 @@ def restart_cause(err: BaseException, previous: BaseException | None) -> str | N
     return None
 
 
+def wait_for_leavers(client: Client, timeout_s: float) -> None:
+    """Until every worker told to stop (SIGTERM) has gone: a rank planned on one would die with
+    it. A worker obeys once its rank has ended (and checkpointed), a second later."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        told = client.run(rankctl.stop_requested, on_error="return")  # a new process: False
+        if not any(t is True for t in told.values()):
+            return
+        time.sleep(0.2)
+    log.warning("workers told to stop were still there after %.0f s", timeout_s)
+
+
 def wait_for_workers(client: Client, n: int, timeout_s: float) -> list[str]:
     """The cluster's workers once it has ``n`` again (a nanny restarts a dead one)."""
     deadline = time.monotonic() + timeout_s

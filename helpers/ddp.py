@@ -231,7 +231,8 @@ def run(
         job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
         raise
     finally:
-        lock.release()
+        if not jobs.scheduler_lost(client, ""):  # else the lock went with the scheduler
+            lock.release()
 
 
 def start(client: Client, fn: Callable, *args, **kwargs) -> jobs.Job:
@@ -267,6 +268,8 @@ def _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s, wa
             if cause is None or attempt == max_restarts or job.stop.is_set():
                 raise
             previous, began = err, time.monotonic()
+            if cause == "terminated":  # the worker told to stop is still going away
+                jobs.wait_for_leavers(client, wait_s)
             workers = jobs.wait_for_workers(client, len(workers), wait_s)
             record = {"kind": "restart", "attempt": attempt + 1, "cause": cause,
                       "error": f"{type(err).__name__}: {err}", "time": time.time(),

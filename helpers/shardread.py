@@ -121,6 +121,8 @@ class Prefetcher:
             with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - our endpoint
                 return resp.read()
         except Exception as err:  # noqa: BLE001 - the S3 client tries again and names the error
+            if storage.is_transient(err):  # sent again below: a retry like any other
+                storage.count_retry()
             log.debug("presigned GET of %s failed (%s); retrying through s3fs", name, err)
             return None
 

@@ -168,22 +168,30 @@ def is_transient(err: BaseException) -> bool:
     return not any(s in low for s in PERMANENT) and any(s in low for s in TRANSIENT)
 
 
-def count_retries_across_fork() -> None:
-    """Count retries in shared memory from now on, so those of DataLoader processes forked
-    later add up in this process's :func:`retries` (call once per rank, before the loaders)."""
+def retry_counter() -> Any:
+    """This process's retry count in shared memory from now on (made on the first call); a
+    child process given it (:func:`use_retry_counter`) counts its retries here too."""
     import multiprocessing
 
     if _RETRIES["shared"] is None:
-        _RETRIES["shared"] = multiprocessing.get_context("fork").Value("q", 0)
+        _RETRIES["shared"] = multiprocessing.get_context().Value("q", _RETRIES["local"])
+    return _RETRIES["shared"]
+
+
+def use_retry_counter(counter: Any) -> None:
+    """In a child process (a DataLoader's): count retries in the parent's :func:`retry_counter`."""
+    _RETRIES["shared"] = counter
 
 
 def retries() -> int:
-    """Transient storage failures retried so far by this process and its forked loaders."""
+    """Transient storage failures retried so far by this process and the children given its
+    :func:`retry_counter`."""
     shared = _RETRIES["shared"]
     return shared.value if shared is not None else _RETRIES["local"]
 
 
-def _count_retry(n: int) -> None:
+def count_retry(n: int = 1) -> None:
+    """Count ``n`` requests sent again after a transient failure (:func:`retries`)."""
     shared = _RETRIES["shared"]
     if shared is None:
         _RETRIES["local"] += n
@@ -206,7 +214,7 @@ def backoff(began: float, attempt: int, err: BaseException, url: str, options: d
             f"{describe(url, options)} kept failing for {window_s:.0f} s ({attempt} retries; "
             f"last: {type(err).__name__}: {err}). Is the S3 server up and not overloaded?"
         ) from err
-    _count_retry(count)
+    count_retry(count)
     log.warning("retrying %s in %.1f s: %s: %s", url, delay, type(err).__name__, err)
     time.sleep(delay)
 
@@ -269,25 +277,12 @@ def explain(err: BaseException, url: str, options: dict | None) -> str:
     where = describe(url, options)
     text = f"{type(err).__name__}: {err}"
     low = text.lower()
-    if any(
-        s in low
-        for s in (
-            "could not connect",
-            "connect timeout",
-            "connection refused",
-            "cannot connect",
-            "endpointconnectionerror",
-            "timeout",
-        )
-    ):
+    unreachable = ("could not connect", "connect timeout", "connection refused", "cannot connect",
+                   "endpointconnectionerror", "timeout")  # fmt: skip
+    if any(s in low for s in unreachable):
         return f"cannot reach the S3 endpoint for {where}: {text}. Is the server running?"
-    refused = (
-        "invalidaccesskeyid",
-        "signaturedoesnotmatch",
-        "access denied",
-        "accessdenied",
-        "forbidden",
-    )
+    refused = ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied",
+               "forbidden")  # fmt: skip
     if isinstance(err, PermissionError) or any(s in low for s in refused):
         return (
             f"access to {where} was refused ({text}); check the AWS credentials in the "

@@ -98,8 +98,7 @@ def train_one_epoch(
     import torch
 
     model.train()
-    storage.count_retries_across_fork()  # before the loader forks: its retries count here
-    steps = steps_per_epoch(loader, cfg)
+    retried, steps = storage.retries(), steps_per_epoch(loader, cfg)
     meter = StepMeter(device, epoch, steps, cfg, rank)
     for step, batch in zip(range(first_step, steps), loader, strict=False):  # stop at steps
         empty = batch is None  # every image of the batch was unreadable (and logged)
@@ -125,7 +124,8 @@ def train_one_epoch(
         rankctl.beat()  # the job's hang check: this rank made progress
         if on_step is not None:
             on_step(step + 1)
-    return meter.summary(device) | {"s3_retries": storage.retries(), "first_step": first_step}
+    retried = storage.retries() - retried  # this pass's, by this rank and its loaders
+    return meter.summary(device) | {"s3_retries": retried, "first_step": first_step}
 
 
 def evaluate(
@@ -135,9 +135,12 @@ def evaluate(
     device: torch.device,
     cfg: TrainConfig,
 ) -> dict:
-    """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks."""
+    """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks; and
+    this rank's storage retries meanwhile (``val_s3_retries``)."""
     import torch
     import torch.distributed as dist
+
+    retried = storage.retries()
 
     # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
     # that ranks with different numbers of validation batches (or none) would never match.
@@ -164,6 +167,7 @@ def evaluate(
         "val_top1": top1 / max(n, 1),
         "val_top5": top5 / max(n, 1),
         "val_images": int(n),
+        "val_s3_retries": storage.retries() - retried,
     }
 
 

@@ -3,6 +3,7 @@ that throttles or goes away, a kill during a checkpoint write. Every test checks
 really happened; time limits are generous liveness bounds, not speed targets."""
 
 import _thread
+import contextlib
 import logging
 import sys
 import threading
@@ -77,6 +78,7 @@ def _stop_with_interrupt(client, seconds_per_step):
 def test_stop_button_stops_ranks_between_steps_without_restarting_workers(client):
     before = sorted(client.nthreads())
     took = _stop_with_interrupt(client, 0.05)
+    logging.getLogger(__name__).warning("stop between steps: lock free %.1f s after", took)
     assert took < 10
     assert sorted(client.nthreads()) == before  # stopped by the flag, not by a restart
 
@@ -84,6 +86,7 @@ def test_stop_button_stops_ranks_between_steps_without_restarting_workers(client
 def test_stop_button_ends_a_step_that_never_returns_by_restarting_its_worker(client):
     before = set(client.nthreads())
     took = _stop_with_interrupt(client, 3600.0)
+    logging.getLogger(__name__).warning("stop of a stuck step: lock free %.1f s after", took)
     assert took < 10
     assert set(client.nthreads()) != before  # rank 0's worker process was ended and replaced
 
@@ -110,9 +113,83 @@ def test_a_hung_rank_is_named_within_hang_s_not_the_job_timeout(client):
     began = time.monotonic()
     with pytest.raises(jobs.RankHung, match=r"rank 1 on worker .* no progress for \d+ s"):
         ddp.run(client, _goes_quiet, hang_s=5, timeout_s=300)
+    logging.getLogger(__name__).warning("hung rank named %.1f s after the job began (rank 1 "
+                                        "quiet ~0.5 s in)", time.monotonic() - began)  # fmt: skip
     assert time.monotonic() - began < 120  # torch's import included; the timeout is 300 s
     jobs.wait_for_workers(client, 2, 120)  # the hung ranks' workers were replaced
     assert ddp.run(client, _sum, lock_timeout_s=10, timeout_s=60) == [0, 1]
+
+
+def _beating(*, rank, device):
+    """A rank that makes progress for an hour, telling the notebook it started."""
+    monitor.publish("test-scheduler", {"rank": rank.rank, "running": True})
+    for _ in range(36_000):
+        time.sleep(0.1)
+        rankctl.beat()
+
+
+@pytest.fixture
+def own_scheduler(tmp_path):
+    """A `dask scheduler` and a one-process `dask worker`, as command lines on loopback (a
+    scheduler the test can SIGKILL): yields (address, scheduler process)."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    from helpers.s3server import free_ports
+
+    repo = Path(__file__).resolve().parents[1]
+    # Workers import helpers; the scheduler and workers import this module, as Dask sends
+    # functions of an importable module by reference.
+    path = [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"  # as notebook 03 says: ranks fork loaders
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    dask = [sys.executable, "-m", "dask"]
+    common = dict(env=env, cwd=repo, start_new_session=True, stdin=subprocess.DEVNULL)
+    port, loopback = address.rsplit(":", 1)[1], ["--host", "127.0.0.1", "--no-dashboard"]
+    worker = [*dask, "worker", address, "--nworkers", "1", "--nthreads", "1", *loopback]
+    procs = []
+    for name, cmd in (("scheduler", [*dask, "scheduler", "--port", port, *loopback]),
+                      ("worker", worker)):  # fmt: skip
+        with open(tmp_path / f"{name}.log", "wb") as log:  # the process keeps its own copy
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, **common))
+    try:
+        yield address, procs[0]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def test_losing_the_scheduler_ends_the_job_naming_it(own_scheduler):
+    """The scheduler is SIGKILLed while a job runs: following the job (as notebook 04 does)
+    raises an error that names the scheduler, within seconds; the lock is not waited for."""
+    from distributed import Client
+
+    from helpers import job as jobs
+
+    address, scheduler = own_scheduler
+    client = Client(address, timeout=60)  # long: the cell must not wait for the reconnection
+    try:
+        client.wait_for_workers(1, timeout=120)
+        watch = monitor.Monitor(client, "test-scheduler")
+        job = ddp.start(client, _beating, timeout_s=120)
+        deadline = time.monotonic() + 180  # torch's import on a loaded machine
+        while not watch.records and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watch.records, job.exception(0) if job.done() else "the rank did not start"
+        scheduler.kill()
+        killed = time.monotonic()
+        with pytest.raises(jobs.SchedulerLost, match=f"lost the Dask scheduler at {address}"):
+            watch.follow(job, refresh_s=0.2)
+        took = time.monotonic() - killed
+        logging.getLogger(__name__).warning("scheduler loss reported in %.1f s", took)
+        assert took < 10
+    finally:
+        client.close(timeout=10)
 
 
 # --- S3: transient failures retried and counted, permanent ones at once -----------------------
@@ -196,6 +273,103 @@ def test_missing_keys_and_buckets_fail_at_once_without_retries(dogs):
     assert storage.retries() == before and time.monotonic() - began < 10
 
 
+# --- S3 faults while DDP trains: the ranks' loaders retry, the job finishes --------------------
+
+
+@pytest.fixture(scope="module")
+def own_s3(tmp_path_factory):
+    """An S3 server of this module's own, to kill and start again, with the tiny dataset as
+    objects and as shards of 4: (server, url)."""
+    from helpers import prepare, s3server, shardwrite
+
+    with s3server.EmbeddedS3(tmp_path_factory.mktemp("own-s3")) as server:
+        url = "s3://dogs/faults"
+        prepare.write_synthetic(url, server.storage_options, 4, 10, seed=0)
+        shardwrite.write_shards(url, server.storage_options, shard_size=4)
+        yield server, url
+
+
+def _small_job(client, url, options, tmp_path, **kw):
+    """Tiny 2-rank training (epochs of 4 steps, no checkpoints) started on ``client``, and its
+    monitor once rank 0 has taken a step: setup's first contact with S3 (the manifest, the
+    shard index: not retried, so a wrong endpoint fails at once) is over."""
+    from helpers import train
+
+    cfg = _train_config((url, options, None), tmp_path, checkpoint_url="", checkpoint_every=0,
+                        **kw)  # fmt: skip
+    watch = monitor.Monitor(client, cfg.topic)
+    job = ddp.start(client, train.train_rank, cfg, options, topic=cfg.topic, timeout_s=120)
+    _wait_for_step(watch, 1)
+    return job, watch
+
+
+def _wait_for_step(watch, step, timeout_s=180):
+    deadline = time.monotonic() + timeout_s  # a loaded machine takes ~15 s to import torch
+    while time.monotonic() < deadline:
+        if any(r.get("kind") == "step" and r["step"] >= step for r in list(watch.records)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout_s} s")
+
+
+def _finished_with_retries(job, epochs, timeout_s=300) -> int:
+    """Wait for the job; check both ranks trained every epoch, with no restart; the storage
+    retries all ranks (and their loader processes) made."""
+    history = job.result(timeout=timeout_s)
+    assert job.restarts == []  # the retries carried it through, not a restart
+    assert [[r["epoch"] for r in rank] for rank in history] == [list(range(1, epochs + 1))] * 2
+    return sum(r["s3_retries"] + r["val_s3_retries"] for rank in history for r in rank)
+
+
+def test_training_waits_for_an_s3_server_that_crashed_and_came_back(client, own_s3, tmp_path):
+    server, url = own_s3
+    # No loader processes: each step GETs its batch after the one before, so requests go on
+    # from the first step to the end of the second epoch, through the outage.
+    job, watch = _small_job(client, url, server.storage_options, tmp_path, loader_workers=0,
+                            data_format="objects")  # fmt: skip
+    server.stop(grace_s=0)  # SIGKILL: a crash, mid-epoch (rank 0 has taken a step)
+    down = time.monotonic()
+    try:
+        time.sleep(3)
+    finally:
+        server.start()  # the same ports and data folder: the ranks' endpoint answers again
+    back = time.monotonic()
+    retries = _finished_with_retries(job, 2)
+    watch.close()
+    logging.getLogger(__name__).warning(
+        "S3 down %.1f s (killed -> answering); %d retries; job done %.1f s after it was back",
+        back - down, retries, time.monotonic() - back)  # fmt: skip
+    assert retries > 0  # the outage really hit requests
+
+
+# Shards through a loader process (whose retries must reach the rank's records), objects in
+# the rank's own thread: one epoch each, faults from its first step on.
+@pytest.mark.parametrize(("kind", "fmt", "loader_workers"),
+                         [("503", "shards", 1), ("reset", "objects", 0)])  # fmt: skip
+def test_training_through_throttling_and_resets_completes(
+    client, own_s3, tmp_path, kind, fmt, loader_workers
+):
+    from helpers.s3proxy import Faults, S3Proxy
+
+    server, url = own_s3
+    with S3Proxy(server.endpoint_url) as proxy:
+        options = _through(proxy, server.storage_options)
+        job, watch = _small_job(client, url, options, tmp_path, epochs=1, data_format=fmt,
+                                loader_workers=loader_workers)  # fmt: skip
+        proxy.faults = Faults(kind, rate=0.3, seed=1)  # from now on: mid-run
+        proxy.reset()  # the seeded fault sequence starts here (seed 1: the first GET fails)
+        retries = _finished_with_retries(job, 1)
+        watch.close()
+        counts = proxy.counts()
+    faults = counts["faults"].get(kind, 0)
+    logging.getLogger(__name__).warning("%s %s: %d faults in %s GETs, %d retries", fmt, kind,
+                                        faults, counts["requests"].get("GET"), retries)  # fmt: skip
+    assert faults > 0  # the faults happened
+    # Every 503 is answered, so retried and counted; a reset kept-alive connection may be
+    # reopened below storage's loop by the HTTP client, so at least one counts.
+    assert retries >= (faults if kind == "503" else 1)
+
+
 # --- checkpoints: atomic, verified, pruned ----------------------------------------------------
 
 
@@ -271,8 +445,10 @@ def _train_config(dogs, tmp_path, **kw):
     from helpers.config import TrainConfig
 
     url, _, _ = dogs
+    # No loader processes: Dask's workers spawn them, a torch import each (seconds, tens of
+    # seconds on a loaded machine) at every epoch; the faults here need none.
     base = dict(data_url=url, arch="resnet18", image_size=32, batch_size=4, epochs=2,
-                loader_workers=1, log_every=1, threads=1, data_format="objects", lr=0.2,
+                loader_workers=0, log_every=1, threads=1, data_format="objects", lr=0.2,
                 checkpoint_url=str(tmp_path / "ck"), checkpoint_every=1)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
@@ -293,41 +469,42 @@ def _kill_rank_worker_at(client, watch, rank, step, sig=None):
     return worker, time.monotonic()
 
 
-def test_a_killed_worker_fails_the_job_naming_it_without_restarts(dogs, tmp_path):
+def test_a_killed_worker_fails_the_job_naming_it_without_restarts(client, dogs, tmp_path):
+    """On the module's cluster: its nannies replace the killed workers for the next test."""
     from helpers import job as jobs
     from helpers import train
 
     _, options, _ = dogs
     cfg = _train_config(dogs, tmp_path)
-    with make_client("local", n_workers=2) as c:
-        watch = monitor.Monitor(c, cfg.topic)
-        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=0, topic=cfg.topic)
-        worker, killed = _kill_rank_worker_at(c, watch, 1, step=2)
-        err = job.exception(timeout=60)
-        took = time.monotonic() - killed
-        logging.getLogger(__name__).warning("lost worker reported in %.1f s", took)
-        jobs.wait_for_workers(c, 2, 120)  # the nanny's replacement, before the cluster closes
+    watch = monitor.Monitor(client, cfg.topic)
+    job = ddp.start(client, train.train_rank, cfg, options, max_restarts=0, topic=cfg.topic)
+    worker, killed = _kill_rank_worker_at(client, watch, 1, step=2)
+    err = job.exception(timeout=60)
+    took = time.monotonic() - killed
+    logging.getLogger(__name__).warning("lost worker reported in %.1f s", took)
+    jobs.wait_for_workers(client, 2, 120)  # the nanny's replacement, for the next test
     assert isinstance(err, jobs.WorkerLost) and worker in str(err) and "rank 1" in str(err)
     assert took < 10
 
 
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(dogs, tmp_path):
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(client, dogs, tmp_path):
     from helpers import checkpoint, train
 
     _, options, _ = dogs
     cfg = _train_config(dogs, tmp_path)
-    with make_client("local", n_workers=2) as c:
-        watch = monitor.Monitor(c, cfg.topic)
-        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
-        _, killed = _kill_rank_worker_at(c, watch, 1, step=2)
-        history = job.result(timeout=300)
-        records = list(watch.records)
-        logging.getLogger(__name__).warning(
-            "restarted and finished %.1f s after the kill: %s", time.monotonic() - killed,
-            history[0][0])  # fmt: skip
+    watch = monitor.Monitor(client, cfg.topic)
+    job = ddp.start(client, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
+    _, killed = _kill_rank_worker_at(client, watch, 1, step=2)
+    history = job.result(timeout=300)
+    records = list(watch.records)
+    logging.getLogger(__name__).warning(
+        "restarted and finished %.1f s after the kill: %s", time.monotonic() - killed,
+        history[0][0])  # fmt: skip
     restart, *epochs = history[0]
     assert restart["kind"] == "restart" and restart["cause"] == "worker lost"
     assert job.restarts == [restart] and any(r.get("kind") == "restart" for r in records)
+    shown = [monitor.restart_line(r) for r in watch.restarts()]  # what notebook 04's plot says
+    assert len(shown) == 1 and shown[0].startswith("restart 1 (worker lost) at epoch 0."), shown
     assert [e["epoch"] for e in epochs] == [1, 2]
     resumed = epochs[0]  # the interrupted epoch, from its last committed step
     steps = 32 // (2 * 4)  # 32 training images, 2 ranks, batches of 4
@@ -351,18 +528,20 @@ def test_the_cache_notices_a_changed_object_by_its_listed_etag(s3, tmp_path):
     assert again._fetch([f"dogs/changing/{key}"])[f"dogs/changing/{key}"] == b"second, longer"
 
 
-def test_a_worker_told_to_stop_checkpoints_first_and_the_job_resumes_there(dogs, tmp_path):
+def test_a_worker_told_to_stop_checkpoints_first_and_the_job_resumes_there(client, dogs, tmp_path):
     import signal
 
     from helpers import train
 
     _, options, _ = dogs
     cfg = _train_config(dogs, tmp_path, checkpoint_every=0)  # only the SIGTERM checkpoint
-    with make_client("local", n_workers=2) as c:
-        watch = monitor.Monitor(c, cfg.topic)
-        job = ddp.start(c, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
-        _kill_rank_worker_at(c, watch, 1, step=2, sig=signal.SIGTERM)
-        history = job.result(timeout=300)
+    watch = monitor.Monitor(client, cfg.topic)
+    job = ddp.start(client, train.train_rank, cfg, options, max_restarts=1, topic=cfg.topic)
+    _, told = _kill_rank_worker_at(client, watch, 1, step=2, sig=signal.SIGTERM)
+    history = job.result(timeout=300)
+    logging.getLogger(__name__).warning(
+        "SIGTERM: finished %.1f s after the signal: %s", time.monotonic() - told, history[0][0]
+    )
     restart, first, _ = history[0]
     assert restart["cause"] == "terminated" and "checkpointed" in restart["error"]
     assert first["epoch"] == 1 and first["first_step"] >= 2  # resumed where it was told to stop

@@ -153,15 +153,14 @@ class EmbeddedS3:
         }
         config.write_text(json.dumps({"identities": [identity]}))
         # Only the services S3 needs, every one bound to one address on a port chosen free now.
+        flags = [f"-{s}.port{g}" for s in ("master", "volume", "filer", "s3") for g in ("", ".grpc")]
         cmd = [
             weed,
             "server",
             f"-ip={self.host}",
             f"-ip.bind={self.host}",
             f"-dir={self.data_dir}",
-            *(f"-{service}.port{grpc}={port}" for (service, grpc), port in zip(
-                [(s, g) for s in ("master", "volume", "filer", "s3") for g in ("", ".grpc")], p
-            )),  # fmt: skip
+            *(f"{flag}={port}" for flag, port in zip(flags, p, strict=True)),
             "-s3",
             f"-s3.config={config}",
             "-s3.port.iceberg=0",

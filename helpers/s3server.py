@@ -153,7 +153,7 @@ class EmbeddedS3:
         }
         config.write_text(json.dumps({"identities": [identity]}))
         # Only the services S3 needs, every one bound to one address on a port chosen free now.
-        flags = [f"-{s}.port{g}" for s in ("master", "volume", "filer", "s3") for g in ("", ".grpc")]
+        flags = [f"-{s}.port{g}" for s in "master volume filer s3".split() for g in ("", ".grpc")]
         cmd = [
             weed,
             "server",

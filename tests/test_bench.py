@@ -118,7 +118,7 @@ def test_demo_accuracy_record_checks_every_claim_against_its_runs():
     gap = [p | {"val_top1": p["val_top1"] + 0.2} if p["data_format"] == "shards" else p
            for p in done]  # fmt: skip
     assert not {t["name"]: t["met"] for t in acc.targets(gap)[0]}[
-        "|mean top-1 shards - objects| / seed spread"
+        "mean top-1 gap, shards vs objects, / seed spread"
     ]
     few = [p for p in done if p["seed"] == 0]
     assert not all(t["met"] for t in acc.targets(few)[0])

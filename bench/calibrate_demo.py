@@ -195,10 +195,9 @@ def append(record: dict[str, Any], path: Path = RESULTS) -> None:
     tmp.replace(path)
 
 
-def _num(value: float | None, scale: float) -> str:
-    if value is None:
-        return "-"
-    return f"{scale * value:.0f}" if scale == 1 else f"{scale * value:.1f}"
+def _num(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or ``-`` where a stopped run has none."""
+    return "-" if value is None else format(value, spec)
 
 
 def _top1(run: dict[str, Any]) -> list[float]:
@@ -228,8 +227,8 @@ def report(path: Path = RESULTS) -> str:
             f"{i:>2} {r['environment']['commit'][:8]:<8} {s['image_size']:>4} "
             f"{s['images_per_breed']:>4} {s['epochs']:>3} {s['batch_size']:>3} {s['lr']:>5} "
             f"{s['warmup_epochs']:>4} {s['seed']:>4} {'yes' if s['shuffle_pixels'] else 'no':>4} "
-            f"{_num(r.get('seconds', {}).get('train_s'), 1):>7} "
-            f"{_num((r.get('colour_baseline') or {}).get('best'), 100):>5}% {epochs:<40} "
+            f"{_num(r.get('seconds', {}).get('train_s'), '.0f'):>7} "
+            f"{_num((r.get('colour_baseline') or {}).get('best'), '.1%'):>6} {epochs:<40} "
             f"{_verdict(r)}"
         )
     return "\n".join(lines)

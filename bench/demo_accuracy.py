@@ -32,9 +32,22 @@ if str(BENCH) not in sys.path:
 import calibrate_demo  # noqa: E402 - a sibling script
 import record  # noqa: E402
 
-# notebook 04's defaults, as calibrate_demo.py names them
-DEMO = {"image_size": 64, "images_per_breed": 200, "epochs": 10, "batch_size": 16, "lr": 0.2,
-        "warmup_epochs": 1.0, "shape_area": [0.2, 0.35]}  # fmt: skip
+
+def _demo_defaults() -> dict[str, Any]:
+    """Notebook 04's defaults, read from where they live, under calibrate_demo.py's names."""
+    import dataclasses
+    import inspect
+
+    from helpers import prepare, synthetic
+    from helpers.config import TrainConfig
+
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    per_breed = inspect.signature(prepare.write_synthetic).parameters["per_breed"].default
+    return {k: train[k] for k in ("image_size", "epochs", "batch_size", "lr", "warmup_epochs")} | {
+        "images_per_breed": per_breed, "shape_area": list(synthetic.SHAPE_AREA)}  # fmt: skip
+
+
+DEMO = _demo_defaults()
 
 
 def demo_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -86,7 +99,7 @@ def targets(done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str,
             worst["shards"],
             ">=",
             3.0,
-        ),  # fmt: skip
+        ),
         record.target("ResNet-50 top-1 / chance, worst seed, objects", worst["objects"], ">=", 3.0),
         record.target("shuffled-pixel control top-1 / chance", cmax, "<=", 1.5),
         record.target(
@@ -95,14 +108,14 @@ def targets(done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str,
             "<=",
             1.0,
             None if gap is not None else fewer,
-        ),  # fmt: skip
+        ),
         record.target(
             "training seconds, slowest run",
             slowest,
             "<=",
             calibrate_demo.TRAIN_BUDGET_S,
             "the machine's load average in each pass",
-        ),  # fmt: skip
+        ),
     ]
     return out, results
 

@@ -7,12 +7,14 @@ scheduler, epoch, config, class list and the epoch's metrics. Loading uses
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from helpers import storage
@@ -30,6 +32,7 @@ NAME = "checkpoint.pt"
 REQUIRED = ("model", "classes", "config")  # what inference needs from a checkpoint
 # What must not change between a run and its resumption: the split, the data, the model.
 RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed")
+TRAILER = b"\nhelpers.checkpoint sha256:"  # then 64 hex digits: the digest of all before it
 CACHE_SIZE = 2  # models kept per process for inference (a ResNet-50 is ~100 MB)
 
 _MODELS: OrderedDict[tuple, tuple] = OrderedDict()  # (pid, url, version) -> (model, state, dev)
@@ -41,24 +44,56 @@ def path(folder: str) -> str:
     return storage.join(folder, NAME)
 
 
-def save(folder: str, options: dict | None, state: dict) -> None:
-    """Write ``state`` whole: a local file is written then renamed, an S3 object is one PUT."""
+def save(folder: str, options: dict | None, state: dict, keep: int = 2) -> None:
+    """Write ``state`` whole and verifiably; keep the ``keep`` newest checkpoints.
+
+    The bytes end with a sha256 trailer that :func:`load` checks. A local file is written to a
+    temporary name, synced, then renamed over ``checkpoint.pt`` (a kill leaves the previous one
+    whole); an S3 object is one PUT, whole or absent. The previous checkpoint is first renamed
+    ``checkpoint-<UTC time>.pt`` (S3: a server-side copy), and older ones beyond ``keep`` go.
+    """
     import torch
 
     buf = io.BytesIO()
     torch.save(state, buf)
+    blob = buf.getvalue()
+    blob += TRAILER + hashlib.sha256(blob).hexdigest().encode()
     url = path(folder)
     protocol, key = storage.split_url(url)
+    fs = storage.filesystem(url, options)
     try:
-        if protocol == "file":  # a kill never leaves half a file under the real name
-            os.makedirs(os.path.dirname(key), exist_ok=True)
-            with open(key + ".tmp", "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(key + ".tmp", key)
-        else:  # S3 objects appear whole or not at all
-            storage.filesystem(url, options).pipe_file(key, buf.getvalue())
+        if fs.exists(key) and keep > 1:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            fs.mv(key, key[: -len(".pt")] + f"-{stamp}.pt")
+        if protocol == "file":
+            _write_local(key, blob)
+        else:  # S3 objects appear whole or not at all; a throttled PUT is retried
+            storage.retrying(lambda: fs.pipe_file(key, blob), url, options)
+        older = _versions(fs, key)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            fs.rm(old)
     except OSError as err:
         raise storage.StorageError(storage.explain(err, url, options)) from err
+
+
+def _write_local(key: str, blob: bytes) -> None:
+    os.makedirs(os.path.dirname(key), exist_ok=True)
+    tmp = f"{key}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+    os.replace(tmp, key)
+
+
+def _versions(fs, key: str) -> list[str]:
+    """The older checkpoints beside ``key``, oldest first (their names sort by time)."""
+    stem = key.rsplit("/", 1)[-1][: -len(".pt")]
+    try:
+        names = fs.ls(key.rsplit("/", 1)[0], detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.rsplit("/", 1)[-1].startswith(f"{stem}-"))
 
 
 def state_of(
@@ -70,14 +105,22 @@ def state_of(
     classes: Sequence[str],
     metrics: dict,
     scaler: torch.amp.GradScaler | None = None,
+    step: int = 0,
+    position: dict | None = None,
 ) -> dict:
-    """What :func:`save` writes at the end of an epoch (``model`` is the bare module)."""
+    """What :func:`save` writes (``model`` is the bare module): after ``epoch`` whole epochs
+    and ``step`` steps of the next, whose data position is ``position``."""
+    import torch
+
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
+        "step": step,
+        "position": position,
+        "rng": torch.get_rng_state(),
         "config": asdict(cfg),
         "classes": list(classes),
         "metrics": metrics,
@@ -85,16 +128,41 @@ def state_of(
 
 
 def load(folder: str, options: dict | None = None) -> dict | None:
-    """The checkpoint dict in ``folder``, or None if there is none yet."""
-    import torch
+    """The newest checkpoint dict in ``folder`` (its digest checked), or None if there is none.
 
+    ``checkpoint.pt`` missing while an older one exists (a kill between :func:`save`'s two
+    renames) means the older one. A checkpoint whose digest does not match raises ValueError.
+    """
     url = path(folder)
+    fs = storage.filesystem(url, options)
+    key = storage.split_url(url)[1]
     try:
-        raw = storage.filesystem(url, options).cat_file(storage.split_url(url)[1])
-    except FileNotFoundError:
-        return None
+        try:
+            raw = storage.retrying(lambda: fs.cat_file(key), url, options)
+        except FileNotFoundError:
+            older = _versions(fs, key)
+            if not older:
+                return None
+            url, raw = (
+                f"{url.rsplit('/', 1)[0]}/{older[-1].rsplit('/', 1)[-1]}",
+                fs.cat_file(older[-1]),
+            )
     except Exception as err:  # noqa: BLE001 - one clear message for every backend error
         raise storage.StorageError(storage.explain(err, url, options)) from err
+    return _verified(raw, url)
+
+
+def _verified(raw: bytes, url: str) -> dict:
+    import torch
+
+    body, tail = raw[: -len(TRAILER) - 64], raw[-len(TRAILER) - 64 :]
+    if tail.startswith(TRAILER):
+        if hashlib.sha256(body).hexdigest().encode() != tail[len(TRAILER) :]:
+            raise ValueError(
+                f"{url} is corrupt: its sha256 does not match its contents (a damaged copy or "
+                "a partial write); delete it to resume from the previous checkpoint"
+            )
+        raw = body
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not torch.save's format
@@ -130,19 +198,30 @@ def resume(
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
-) -> int:
-    """Load the run's checkpoint into the given objects; returns the epoch to start from."""
-    state = load(cfg.checkpoint_url, options)
-    if state is None:
-        return 1
+    restart: bool = False,
+) -> tuple[int, int, dict | None]:
+    """Load the run's checkpoint into the given objects; returns ``(epoch, step, position)``
+    to start from: ``step`` steps into ``epoch`` at data ``position`` (None: its start).
+
+    ``restart``: an automatic restart resumes only this job's own checkpoint (the same
+    ``topic``), never one an earlier run left in the folder, unless ``cfg.resume``.
+    """
+    import torch
+
+    state = load(cfg.checkpoint_url, options) if cfg.checkpoint_url else None
+    if state is None or (restart and not cfg.resume and state["config"]["topic"] != cfg.topic):
+        return 1, 0, None
     check_resumable(state, cfg)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    log.info("resumed from %s at epoch %d", path(cfg.checkpoint_url), state["epoch"])
-    return state["epoch"] + 1
+    if state.get("rng") is not None:
+        torch.set_rng_state(state["rng"])
+    step = state.get("step", 0)
+    log.info("resumed from %s at epoch %d step %d", path(cfg.checkpoint_url), state["epoch"], step)
+    return state["epoch"] + 1, step, state.get("position")
 
 
 def model_from(folder: str, options: dict | None = None) -> tuple[torch.nn.Module, dict]:

@@ -7,20 +7,26 @@
 - ``"auto"``: ``"cuda"`` when NVIDIA GPUs are visible, else ``"local"``;
 - ``"tcp://host:8786"`` / ``"tls://host:8786"``: the scheduler of a cluster that already runs
   (Kubernetes, SLURM, Coiled, dask-gateway...). Its workers need :data:`DASK_CONFIG` and the
-  ``helpers`` package; see notebook 03.
+  ``helpers`` package; see notebook 03. A ``tls://`` scheduler also needs ``tls_dir``: a folder
+  holding :data:`TLS_FILES`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Client
+
+if TYPE_CHECKING:  # for annotations only
+    from distributed.security import Security
 
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("auto", "local", "cuda")
+# What ``tls_dir`` holds: the CA that signed the cluster's certificates, this client's own.
+TLS_FILES = ("ca.pem", "cert.pem", "key.pem")
 # What training needs from every worker. Set in this process before a local cluster starts (the
 # nanny reads it, and hands it to the worker); a remote deployment sets the same in its config.
 DASK_CONFIG = {
@@ -54,32 +60,69 @@ def gpu_count() -> int:
         return 0
 
 
-def check_cluster(cluster: str) -> str:
-    """Validate the ``cluster`` parameter; returns it unchanged."""
-    if cluster in CLUSTERS or cluster.startswith(("tcp://", "tls://", "ucx://")):
-        return cluster
-    raise ValueError(
-        f"cluster={cluster!r}; allowed: 'auto', 'local', 'cuda', or a scheduler "
-        "address such as 'tcp://10.0.0.5:8786' or 'tls://...'"
+def check_cluster(cluster: str, tls_dir: str = "") -> str:
+    """Validate the ``cluster`` parameter (and ``tls_dir``, which a ``tls://`` address needs);
+    returns ``cluster`` unchanged."""
+    if not (cluster in CLUSTERS or cluster.startswith(("tcp://", "tls://", "ucx://"))):
+        raise ValueError(
+            f"cluster={cluster!r}; allowed: 'auto', 'local', 'cuda', or a scheduler "
+            "address such as 'tcp://10.0.0.5:8786' or 'tls://...'"
+        )
+    tls = cluster.startswith("tls://")
+    if tls_dir and not tls:
+        raise ValueError(f"tls_dir={tls_dir!r} is for a tls:// scheduler; cluster={cluster!r}")
+    if tls and not tls_dir and not _tls_configured():
+        raise ValueError(
+            f"cluster={cluster!r} needs tls_dir: a folder holding {', '.join(TLS_FILES)} (or "
+            "the Dask config's distributed.comm.tls settings, as some deployments write them)"
+        )
+    missing = [f for f in TLS_FILES if tls_dir and not os.path.isfile(os.path.join(tls_dir, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"tls_dir={tls_dir!r} has no {', '.join(missing)}; it must hold {', '.join(TLS_FILES)}"
+            " (the CA that signed the cluster's certificates, this client's certificate and key)"
+        )
+    return cluster
+
+
+def _tls_configured() -> bool:
+    import dask
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None))
+
+
+def security_from(tls_dir: str) -> Security:
+    """The client side of TLS from the files in ``tls_dir`` (see :data:`TLS_FILES`)."""
+    from distributed.security import Security
+
+    ca, cert, key = (os.path.join(tls_dir, f) for f in TLS_FILES)
+    return Security(
+        tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True
     )
 
 
 def make_client(
-    cluster: str = "local", n_workers: int | None = None, tls: bool = False, timeout: str = "20s"
+    cluster: str = "local",
+    n_workers: int | None = None,
+    tls: bool = False,
+    timeout: str = "20s",
+    tls_dir: str = "",
 ) -> Client:
     """A :class:`distributed.Client` for ``cluster`` (see the module docstring).
 
     ``n_workers`` applies to local clusters (default: one per core, or one per GPU); ``tls``
-    encrypts a local cluster's traffic with a throw-away certificate.
+    encrypts a local cluster's traffic with a throw-away certificate; ``tls_dir``: the
+    certificate files for a ``tls://`` scheduler.
     """
     from distributed import LocalCluster
 
-    check_cluster(cluster)
+    check_cluster(cluster, tls_dir)
     apply_dask_config()
     if "://" in cluster:
         log.info("connecting to the existing cluster at %s", cluster)
+        security = security_from(tls_dir) if tls_dir else None
         try:
-            return Client(cluster, timeout=timeout)
+            return Client(cluster, timeout=timeout, security=security)
         except OSError as err:
             raise ConnectionError(
                 f"no Dask scheduler answered at {cluster} within {timeout}: {err}"

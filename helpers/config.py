@@ -56,6 +56,10 @@ class TrainConfig:
     cache_dir: str = ""  # local disk cache for fetched images ("" = none)
     checkpoint_url: str = ""  # folder (local or s3://) for checkpoint.pt ("" = none)
     resume: bool = False  # continue from checkpoint_url's checkpoint if there is one
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0 = at epoch ends only)
+    keep_checkpoints: int = 2  # checkpoints kept in checkpoint_url, the newest
+    max_restarts: int = 0  # automatic restarts after a lost worker or a hung rank
+    hang_s: float = 120.0  # a rank silent this long (no step done) is hung (0 = never)
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
     log_every: int = 10  # steps between metric records
     max_steps: int = 0  # per epoch; 0 = the whole epoch (smoke tests use a few)
@@ -70,7 +74,8 @@ class TrainConfig:
         _allowed("data_format", self.data_format, TRAIN_FORMATS)
         _allowed("decode", self.decode, DECODES)
         _at_least(self, ("image_size",), 32)
-        _at_least(self, ("epochs", "batch_size", "log_every"), 1)
+        _at_least(self, ("epochs", "batch_size", "log_every", "keep_checkpoints"), 1)
+        _at_least(self, ("checkpoint_every", "max_restarts", "hang_s"), 0)
         _at_least(self, ("loader_workers", "max_steps", "threads", "stop_after_epoch"), 0)
         _at_least(self, ("prefetch", "decode_batch"), 0)
         if not 0 < self.val_fraction < 1:

@@ -17,37 +17,26 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from helpers import job as jobs
+from helpers import rankctl
 from helpers.cluster import check_workers
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
-    from concurrent.futures import Future
-
     import torch
     from distributed import Client
 
 log = logging.getLogger(__name__)
 
 LOCK = "helpers.ddp.job"  # one DDP job at a time per cluster: ranks share the workers' threads
-# Errors a rank raises because *another* rank failed: reported only if nothing better exists.
-SECONDARY = (
-    "connection closed",
-    "connection reset",
-    "broken pipe",
-    "process group",
-    "distbackenderror",
-    "gloo",
-    "nccl",
-    "timed out",
-    "peer",
-)
 
 
 @dataclass(frozen=True)
@@ -60,6 +49,9 @@ class Rank:
     master_port: int
     worker: str
     gpu: int = 0  # index among the GPUs this worker sees (when it has any)
+    job: str = ""  # the attempt's unique name: task keys, the stop switch, the heartbeat
+    attempt: int = 0  # 0, then 1, 2... after automatic restarts: resume from the checkpoint
+    restarts: tuple = ()  # the records of the restarts so far (cause, error, time)
 
 
 def _host(address: str) -> str:
@@ -137,27 +129,23 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
         "LOCAL_WORLD_SIZE": str(rank.local_world_size),
         "MASTER_ADDR": rank.master_addr,
         "MASTER_PORT": str(rank.master_port),
+        **_gloo_interface(_host(rank.worker)),
     }
-    with _environ(env):
+    timeout = timedelta(seconds=timeout_s)
+    with _environ(env), rankctl.registered(rank.job):
+        store = _store(rank, timeout)
         device = device_for(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if rank.rank == 0:
-            log.info(
-                "DDP: %d ranks, backend %s, master %s:%d",
-                rank.world_size,
-                backend,
-                rank.master_addr,
-                rank.master_port,
-            )
-        dist.init_process_group(
-            backend,
-            rank=rank.rank,
-            world_size=rank.world_size,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+            log.info("DDP: %d ranks, backend %s, master %s:%d", rank.world_size, backend,
+                     rank.master_addr, rank.master_port)  # fmt: skip
+        dist.init_process_group(backend, store=store, rank=rank.rank, world_size=rank.world_size,
+                                timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)  # fmt: skip
         try:
             return fn(*args, rank=rank, device=device, **kwargs)
+        except rankctl.Stopped:  # the job's stop switch: a plain error, the task ends cleanly
+            raise rankctl.Cancelled(f"{rank.job}: rank {rank.rank} stopped") from None
         except BaseException as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"raised by DDP rank {rank.rank} on worker {rank.worker}")
@@ -170,12 +158,47 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
                 torch.cuda.empty_cache()
 
 
+def _store(rank: Rank, timeout: timedelta):
+    """The rendezvous store. torch's own TCPStore listens on every interface; rank 0's listens
+    on the master's address only, from a socket bound here (the store owns and closes it)."""
+    import torch.distributed as dist
+
+    fd = None
+    if rank.rank == 0:
+        fd = socket.create_server((rank.master_addr, rank.master_port), backlog=128).detach()
+    try:
+        return dist.TCPStore(rank.master_addr, rank.master_port, rank.world_size, fd is not None,
+                             timeout, use_libuv=False, master_listen_fd=fd)  # fmt: skip
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+def _gloo_interface(host: str) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` for the interface holding ``host`` (gloo otherwise listens on
+    the address the machine's hostname resolves to); unset where the environment says."""
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return {}
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addrs):
+            return {"GLOO_SOCKET_IFNAME": name}
+    return {}
+
+
 def run(
     client: Client,
     fn: Callable,
     *args,
     timeout_s: float = 300.0,
     lock_timeout_s: float | None = 600.0,
+    max_restarts: int = 0,
+    hang_s: float = 0.0,
+    restart_wait_s: float = 120.0,
+    topic: str = "",
+    job: jobs.Job | None = None,
     **kwargs,
 ) -> list:
     """Run ``fn(*args, rank=Rank, device=torch.device, **kwargs)`` as one DDP rank per worker.
@@ -184,10 +207,16 @@ def run(
     rendezvous: long enough for rank 0 to upload a checkpoint while the others wait (a failing
     rank or a dead worker is reported within seconds regardless). ``lock_timeout_s``: how long
     to wait for another job on the same cluster. Raises the failing rank's own exception (with
-    a note naming the rank).
+    a note naming the rank). ``hang_s``: a rank that has called :func:`helpers.rankctl.beat`
+    and then goes that long without it is hung (0: never checked). ``max_restarts``: after a
+    lost worker, a hung rank or storage that stayed away, wait (``restart_wait_s``) for as many
+    workers as before (the world size never changes), plan the ranks afresh and run ``fn``
+    again with ``rank.attempt`` one higher; each restart is a record in ``job.restarts`` and
+    on ``topic``. An interrupt (KeyboardInterrupt) stops every rank before it propagates.
     """
     from distributed import Lock
 
+    job = job or jobs.Job()
     check_workers(client)  # a worker that cannot run a rank fails here, in seconds
     lock = Lock(LOCK, scheduler_rpc=client.scheduler, loop=client.loop)
     if not lock.acquire(timeout=lock_timeout_s):
@@ -196,88 +225,75 @@ def run(
             "(lock_timeout_s); wait for it or cancel it"
         )
     try:
-        return _run_locked(client, fn, args, kwargs, timeout_s)
+        return _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s,
+                         restart_wait_s, topic)  # fmt: skip
+    except KeyboardInterrupt:
+        job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
+        raise
     finally:
-        lock.release()
+        if not jobs.scheduler_lost(client, ""):  # else the lock went with the scheduler
+            lock.release()
 
 
-def start(client: Client, fn: Callable, *args, timeout_s: float = 300.0, **kwargs) -> Future:
-    """:func:`run` in a background thread: returns a ``concurrent.futures.Future``.
+def start(client: Client, fn: Callable, *args, **kwargs) -> jobs.Job:
+    """:func:`run` in a background thread: returns a :class:`helpers.job.Job`.
 
     The notebook keeps drawing live plots while the job runs; ``.result()`` gives what
-    :func:`run` returns (or raises its error).
+    :func:`run` returns (or raises its error); ``.cancel()`` stops every rank.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    job = jobs.Job()
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="ddp-job")
-    future = pool.submit(run, client, fn, *args, timeout_s=timeout_s, **kwargs)
-    pool.shutdown(wait=False)
-    return future
+    def work():
+        try:
+            job.future.set_result(run(client, fn, *args, job=job, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the job
+            job.future.set_exception(err)
+
+    job.future.set_running_or_notify_cancel()
+    threading.Thread(target=work, name="ddp-job", daemon=True).start()
+    return job
 
 
-def _run_locked(client, fn, args, kwargs, timeout_s):
-    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+def _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s, wait_s, topic):
+    name = f"ddp-{getattr(fn, '__name__', 'fn')}-{uuid.uuid4().hex[:8]}"
+    workers, previous = list(client.scheduler_info(n_workers=-1)["workers"]), None
     if not workers:
         raise RuntimeError("the Dask cluster has no workers; wait for them or scale it up")
-    port = client.submit(
-        free_port, workers=[sorted(workers, key=lambda a: (_host(a), a))[0]], pure=False
-    ).result(timeout=30)
-    ranks = plan(workers, port, client.run(_visible_devices, workers=workers))
-    job = f"ddp-{getattr(fn, '__name__', 'fn')}-{uuid.uuid4().hex[:8]}"
-    futures = [
-        client.submit(
-            _rank_main,
-            fn,
-            r,
-            timeout_s,
-            args,
-            kwargs,
-            key=f"{job}-rank{r.rank}",
-            workers=[r.worker],
-            allow_other_workers=False,
-            pure=False,
-            retries=0,
-        )
-        for r in ranks
+    for attempt in range(max_restarts + 1):
+        try:
+            return _attempt(client, fn, args, kwargs, f"{name}-a{attempt}", attempt, workers,
+                            timeout_s, hang_s, job.stop, job.restarts)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - the cause decides: restart or raise
+            cause = jobs.restart_cause(err, previous)
+            if cause is None or attempt == max_restarts or job.stop.is_set():
+                raise
+            previous, began = err, time.monotonic()
+            if cause == "terminated":  # the worker told to stop is still going away
+                jobs.wait_for_leavers(client, wait_s)
+            workers = jobs.wait_for_workers(client, len(workers), wait_s)
+            record = {"kind": "restart", "attempt": attempt + 1, "cause": cause,
+                      "error": f"{type(err).__name__}: {err}", "time": time.time(),
+                      "waited_s": time.monotonic() - began}  # fmt: skip
+            log.warning("%s: restart %d of %d (%s): %s", name, attempt + 1, max_restarts,
+                        cause, record["error"])  # fmt: skip
+            job.restarts.append(record)
+            if topic:
+                client.log_event(topic, record)
+    raise AssertionError("unreachable")
+
+
+def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s, stop, restarts):
+    master = sorted(workers, key=lambda a: (_host(a), a))[0]
+    port = client.submit(free_port, workers=[master], pure=False).result(timeout=30)
+    ranks = [
+        replace(r, job=name, attempt=attempt, restarts=tuple(restarts))
+        for r in plan(workers, port, client.run(_visible_devices, workers=workers))
     ]
-    log.info("%s: %d ranks on %d hosts", job, len(ranks), len({_host(w) for w in workers}))
-    try:
-        checked = time.monotonic()
-        while True:
-            if any(f.status == "error" for f in futures):
-                time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
-                _check_alive(client, ranks)  # a dead worker explains its peers' errors
-                raise _primary_error([f for f in futures if f.status == "error"], futures)
-            if all(f.status == "finished" for f in futures):
-                return [f.result() for f in futures]
-            if any(f.status == "cancelled" for f in futures):
-                raise RuntimeError(f"{job} was cancelled")
-            if time.monotonic() - checked > 1.0:
-                _check_alive(client, ranks)
-                checked = time.monotonic()
-            time.sleep(0.1)
-    finally:
-        client.cancel([f for f in futures if not f.done()], force=True)
-
-
-def _check_alive(client, ranks: list[Rank]) -> None:
-    alive = set(client.nthreads())  # light: addresses only, not every worker's metrics
-    for r in ranks:
-        if r.worker not in alive:
-            raise RuntimeError(
-                f"DDP rank {r.rank}: its worker {r.worker} died (out of memory, "
-                "killed?); the job is cancelled"
-            )
-
-
-def _primary_error(failed, futures) -> BaseException:
-    """The failing rank's own error, not a peer's reaction to it."""
-
-    def secondary(f):
-        text = f"{type(f.exception()).__name__} {f.exception()}".lower()
-        return any(s in text for s in SECONDARY)
-
-    failed.sort(key=lambda f: (secondary(f), futures.index(f)))
-    err = failed[0].exception()
-    log.error("DDP rank %d failed: %r", futures.index(failed[0]), err)
-    return err
+    client.run(rankctl.watch_sigterm, workers=workers, on_error="return")  # then checkpoint
+    futures = [
+        client.submit(_rank_main, fn, r, timeout_s, args, kwargs, key=f"{name}-rank{r.rank}",
+                      workers=[r.worker], allow_other_workers=False, pure=False, retries=0)
+        for r in ranks
+    ]  # fmt: skip
+    log.info("%s: %d ranks on %d hosts", name, len(ranks), len({_host(w) for w in workers}))
+    return jobs.supervise(client, name, ranks, futures, stop, hang_s)

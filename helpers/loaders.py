@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from helpers import data, gpudecode, objects, stream
+from helpers import data, gpudecode, objects, storage, stream
 from helpers.transforms import Compose, ShufflePixels, eval_transform, train_transform
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
@@ -53,8 +53,30 @@ def make_loaders(cfg: TrainConfig, options: dict | None, rank: Rank, device: tor
                 loader.collate_fn = gpudecode.collate
     for loader, train in ((train_loader, True), (val_loader, False)):
         loader.on_device = gpudecode.ToDevice(cfg.image_size, train, cfg.decode_batch)
+        count_retries(loader)
     train_loader.generator = torch.Generator()  # reseeded by start_epoch
     return manifest.classes, train_loader, val_loader
+
+
+class _CountRetries:
+    """A DataLoader's ``worker_init_fn``: the loader process counts its storage retries in the
+    rank's :func:`helpers.storage.retries`. Handed over as the process starts, as Dask's
+    workers start theirs by spawning, which inherits nothing."""
+
+    def __init__(self, counter, then=None) -> None:
+        self.counter, self.then = counter, then
+
+    def __call__(self, worker_id: int) -> None:
+        storage.use_retry_counter(self.counter)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def count_retries(loader: Iterable) -> None:
+    """Count the retries of ``loader``'s processes in this one's (the rank's epoch records)."""
+    init = getattr(loader, "worker_init_fn", None)
+    if getattr(loader, "num_workers", 0) and not isinstance(init, _CountRetries):
+        loader.worker_init_fn = _CountRetries(storage.retry_counter(), init)
 
 
 def batch_to_device(batch: tuple, loader: Iterable, device: torch.device) -> tuple:
@@ -78,7 +100,7 @@ def _transforms(cfg: TrainConfig, gpu: bool = False) -> tuple:
 
 
 def _object_loaders(cfg, options, rank, manifest, pin: bool, gpu: bool) -> tuple:
-    from torch.utils.data.distributed import DistributedSampler
+    from helpers.position import ResumableSampler  # a DistributedSampler that can resume
 
     split = data.split(manifest, cfg.val_fraction, cfg.seed)
     train_tf, val_tf = _transforms(cfg, gpu)
@@ -89,7 +111,7 @@ def _object_loaders(cfg, options, rank, manifest, pin: bool, gpu: bool) -> tuple
     own_val = data.shard(split.val, rank.rank, rank.world_size)
     val_ds = kind(manifest.url, own_val, manifest.classes, options, val_tf,
                   draft=cfg.image_size, cache_dir=cache)  # fmt: skip
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     train = data.make_loader(train_ds, cfg.batch_size, cfg.loader_workers, sampler=sampler,

@@ -56,6 +56,14 @@ def epoch_line(r: dict) -> str:
     )
 
 
+def restart_line(r: dict, width: int = 140) -> str:
+    """``restart 1 (worker lost) at epoch 0.50: WorkerLost: DDP rank 1: its worker tcp://...``
+    (``at`` where :meth:`Monitor.restarts` puts it; cut to ``width`` characters)."""
+    where = f" at epoch {r['at']:.2f}" if "at" in r else ""
+    line = f"restart {r['attempt']} ({r['cause']}){where}: {r['error']}"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def gpu_stats() -> list[dict]:
     """Utilisation and memory of the GPUs this worker sees (run with ``client.run``)."""
     try:
@@ -113,6 +121,18 @@ class Monitor:
             return "waiting for the first record..."
         return epoch_line(last) if last["kind"] == "epoch" else progress_line(last)
 
+    def restarts(self) -> list[dict]:
+        """The job's automatic restarts so far, each with ``at``: how far training was (in
+        epochs, the curves' x axis) at rank 0's last step record before it."""
+        out, at = [], 0.0
+        with self._lock:
+            for r in self.records:
+                if r.get("kind") == "step" and r.get("rank") == 0:
+                    at = r["epoch"] - 1 + r["step"] / r["steps"]
+                elif r.get("kind") == "restart":
+                    out.append({**r, "at": at})
+        return out
+
     def sample_gpus(self) -> None:
         for worker, stats in self.client.run(gpu_stats).items():
             self.gpu += [{"worker": worker, **s} for s in stats]
@@ -120,24 +140,58 @@ class Monitor:
     def follow(
         self, job: Future, refresh_s: float = 2.0, gpus: bool = False, draw: Callable | None = None
     ) -> Any:
-        """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done.
+        """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done:
+        when records came (checked every ``refresh_s``), once per epoch's end however fast.
 
-        ``job`` is a ``concurrent.futures.Future`` (:func:`helpers.ddp.start`); returns its
-        result, raising its error.
+        ``job`` is a :class:`helpers.job.Job` (:func:`helpers.ddp.start`) or a
+        ``concurrent.futures.Future``; returns its result, raising its error. Interrupting the
+        cell (Jupyter's stop button: KeyboardInterrupt) cancels the job: every rank stops and
+        the cluster is free again within seconds.
         """
+        try:
+            return self._follow(job, refresh_s, gpus, draw)
+        except KeyboardInterrupt:
+            if hasattr(job, "stop"):  # a Job: stop its ranks, not only this cell
+                log.warning("interrupted: cancelling the job")
+                job.cancel()
+            raise
+
+    def _follow(self, job, refresh_s: float, gpus: bool, draw) -> Any:
         from IPython.display import display
 
         handle = display(None, display_id=True) if draw else None
+        told, shown = 0, (0, 0)
         while True:
             finished = job.done() or _wait(job, refresh_s)
-            if gpus:
+            if gpus and not finished:  # a job that ended may have lost the cluster with it
                 self.sample_gpus()
-            if handle is not None and len(self.records):
-                fig = _figure(draw(self))
-                handle.update(fig)
-                _close(fig)
+            for r in self.restarts()[told:]:  # a line in the cell's output, beside the plot
+                log.warning(restart_line(r))
+                told += 1
+            if handle is not None:
+                shown = self._redraw(handle, draw, shown)
             if finished:
                 return job.result()
+
+    def _redraw(self, handle, draw: Callable, shown: tuple[int, int]) -> tuple[int, int]:
+        """Draw the records as they were at each epoch's end not shown yet, then all of them:
+        every epoch shows, however fast the job ran between two refreshes. ``shown``: (epoch
+        records, records) drawn so far; returns the new one."""
+        import copy
+
+        with self._lock:
+            records = list(self.records)
+        ends = [i + 1 for i, r in enumerate(records) if r.get("kind") == "epoch"]
+        drawn = shown[1]
+        for n in [*ends[shown[0] :], len(records)]:
+            if n > drawn:
+                view = copy.copy(self)  # what draw() reads, as it was after n records
+                view.records = records[:n]
+                fig = _figure(draw(view))
+                handle.update(fig)
+                _close(fig)
+                drawn = n
+        return len(ends), drawn
 
     def close(self) -> None:
         self.client.unsubscribe_topic(self.topic)

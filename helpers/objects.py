@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 
 from helpers import storage
@@ -51,6 +52,14 @@ class S3ImageDataset:
         self.transform, self.on_error, self.draft = transform, on_error, draft
         self.root = storage.split_url(url)[1]
         self.cache_dir = cache_dir
+        self.versions = self._list_versions() if cache_dir else {}
+
+    def _list_versions(self) -> dict[str, str]:
+        """Each object's ETag (else size) from one listing (a LIST per 1,000 keys, no request
+        per image): the cache's key, so a changed object is fetched again, not served stale."""
+        fs = storage.filesystem(self.url, self.options)
+        found = fs.find(self.root, detail=True)
+        return {p: str(i.get("ETag") or i.get("size") or "") for p, i in found.items()}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -82,11 +91,7 @@ class S3ImageDataset:
         cached = {p: self._cache_read(p) for p in paths} if self.cache_dir else {}
         missing = [p for p in paths if cached.get(p) is None]
         if missing:
-            fs = storage.filesystem(self.url, self.options)
-            try:
-                fetched = fs.cat(missing, on_error="return")  # concurrent GETs, no HEAD first
-            except Exception as err:  # noqa: BLE001
-                raise storage.StorageError(storage.explain(err, self.url, self.options)) from err
+            fetched = self._get(missing)
             if self.cache_dir:
                 for p, blob in fetched.items():
                     if isinstance(blob, bytes):
@@ -94,10 +99,34 @@ class S3ImageDataset:
             cached.update(fetched)
         return cached
 
+    def _get(self, paths: list[str]) -> dict:
+        """Concurrent GETs (no HEAD first); transient failures retried with back-off for
+        ``storage.RETRY_WINDOW_S``, then :class:`storage.StorageUnavailable`."""
+        fs = storage.filesystem(self.url, self.options)
+        began, attempt, out, todo = time.monotonic(), 0, {}, list(paths)
+        while todo:
+            try:
+                got = fs.cat(todo, on_error="return")
+            except Exception as err:  # noqa: BLE001 - the whole round failed
+                if not storage.is_transient(err):
+                    raise storage.StorageError(
+                        storage.explain(err, self.url, self.options)
+                    ) from err
+                got = dict.fromkeys(todo, err)
+            out.update(got)
+            failed = [p for p in todo if isinstance(got.get(p), Exception)]
+            todo = [p for p in failed if storage.is_transient(got[p])]
+            if todo:
+                err = got[todo[0]]
+                storage.backoff(began, attempt, err, self.url, self.options, count=len(todo))
+                attempt += 1
+        return out
+
     def _cache_file(self, path: str) -> str:
         import os
 
-        name = hashlib.sha1(f"{self.url}|{path}".encode()).hexdigest()
+        version = self.versions.get(path, "")
+        name = hashlib.sha1(f"{self.url}|{path}|{version}".encode()).hexdigest()
         return os.path.join(self.cache_dir, name[:2], name)
 
     def _cache_read(self, path: str) -> bytes | None:

@@ -98,9 +98,18 @@ def training_curves(
 
 
 def live_training(monitor: Monitor, axes: Any = None) -> Any:
-    """What :meth:`helpers.monitor.Monitor.follow` redraws: curves + the latest line (Axes)."""
+    """What :meth:`helpers.monitor.Monitor.follow` redraws: curves, the latest line, and each
+    automatic restart (a red line and its cause); returns the Axes."""
+    from helpers.monitor import restart_line
+
     axes = training_curves(monitor.frame("step"), monitor.frame("epoch"), axes)
-    axes[0].figure.suptitle(monitor.latest_line(), fontsize=9, family="monospace", y=1.02)
+    restarts = monitor.restarts()
+    for r in restarts:  # a red line where training stopped; it resumed from the last checkpoint
+        for ax in axes:
+            ax.axvline(r["at"], color="red", ls="--", lw=1)
+    lines = "\n".join([*(restart_line(r) for r in restarts), monitor.latest_line()])
+    title = axes[0].figure.suptitle(lines, fontsize=9, family="monospace", y=1.02)
+    title.set_verticalalignment("bottom")  # more lines grow upwards, above the plots
     return axes
 
 

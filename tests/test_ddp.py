@@ -193,5 +193,8 @@ def test_a_worker_that_trims_memory_is_warned_about_once(caplog):
     with cluster, Client(cluster) as c, caplog.at_level("WARNING", logger="helpers.cluster"):
         ddp.run(c, _sum_ranks)
         ddp.run(c, _sum_ranks)
+    # distributed's nanny set it in this process's os.environ for good: undo, so later tests'
+    # workers (and subprocesses) do not inherit the trimming this test asked for
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     warned = [r for r in caplog.records if "MALLOC_TRIM_THRESHOLD_" in r.getMessage()]
     assert len(warned) == 1 and "pre-spawn-environ" in warned[0].getMessage()

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 from helpers import storage
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import multiprocessing.context
+
     import torch
     from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -197,7 +199,7 @@ PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "s3fs", "helpers.o
            "helpers.stream", "helpers.transforms", "helpers.gpudecode"]  # fmt: skip
 
 
-def loader_context():
+def loader_context() -> multiprocessing.context.BaseContext | None:
     """Where loader processes come from: ``None`` (the default start method), except under the
     ``spawn`` start method, which Dask's worker processes run with. There each epoch's loader
     processes would start a fresh interpreter and import torch (seconds each, tens of seconds

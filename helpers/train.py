@@ -206,7 +206,8 @@ class Saver:
         if self.rank.rank == 0 and self.cfg.checkpoint_url and due:
             self._save(self.epoch - 1, done, position_of(self.loader, done), {})
             rankctl.beat()  # an upload is progress too
-        if leaving:
+        if leaving:  # wait for rank 0's checkpoint (an all-reduce is a barrier): a rank that
+            _any_rank(False)  # reported first could start the restart before it was written
             raise rankctl.Terminated(f"a worker was told to stop (SIGTERM) at epoch "
                                      f"{self.epoch} step {done}; checkpointed")  # fmt: skip
 

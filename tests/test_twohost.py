@@ -128,6 +128,9 @@ def hosts(tmp_path_factory):
     logs = tmp_path_factory.mktemp("twohost-logs")
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.pop("AWS_ENDPOINT_URL", None)
+    # a fresh shell's environment: a LocalCluster's nanny earlier in this process may have set
+    # its pre-spawn variables in os.environ (distributed does, for good), which workers inherit
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
     env |= {
         "PYTHONPATH": str(ROOT),  # this checkout's helpers on the workers and in the kernel
         "DASK_CONFIG": str(_dask_config(logs / "dask.yaml")),

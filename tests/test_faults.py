@@ -395,30 +395,36 @@ def test_checkpoints_are_verified_and_pruned_to_the_newest(tmp_path):
         checkpoint.load(folder)
 
 
-def _save_forever(folder):
-    from helpers import checkpoint
-
-    for epoch in range(2, 10_000):
-        checkpoint.save(folder, None, _state(epoch, mb=64), keep=2)
+# Checkpoints of 64 MiB written in a loop, in a fresh interpreter: a child forked from this
+# process (its threads, torch's OpenMP pool already started) can deadlock before writing at all.
+_SAVE_FOREVER = """
+import sys, torch
+from helpers import checkpoint
+for epoch in range(2, 10_000):
+    state = {"epoch": epoch, "config": {}, "blob": torch.zeros(64 * 2**18)}
+    checkpoint.save(sys.argv[1], None, state, keep=2)
+"""
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
-    import multiprocessing
     import os
-    import signal
+    import subprocess
+    from pathlib import Path
 
     from helpers import checkpoint
 
     folder = str(tmp_path / "ck")
     checkpoint.save(folder, None, _state(1), keep=2)
-    child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(folder,))
-    child.start()
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    child = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, folder], env=env, cwd=repo)
     deadline, partial = time.monotonic() + 60, []
     while not partial and time.monotonic() < deadline:  # a write under way: a growing .tmp
         partial = [p for p in (tmp_path / "ck").glob("*.tmp-*") if p.stat().st_size > 0]
         time.sleep(0.01)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join(10)
+    child.kill()  # SIGKILL: no handler, no cleanup
+    child.wait(10)
     assert partial and partial[0].exists()  # killed mid-write, the partial file is still there
     state = checkpoint.load(folder)
     assert state is not None and state["epoch"] == 1  # the previous checkpoint, whole

@@ -36,6 +36,11 @@ DASK_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     # Training tasks run for minutes without releasing the GIL for long; do not mark them stuck.
     "distributed.admin.tick.limit": "60s",
+    # A local cluster closes a worker's nanny for good this long after the worker left, if no
+    # worker of that name is registered at that moment. The default, 15 s, closes a nanny that is
+    # restarting its worker when the same worker died twice within 15 s (a job cancelled, then
+    # restarted). Our nannies live in this process and only go when the cluster closes.
+    "distributed.deploy.lost-worker-timeout": "1 day",
 }
 
 

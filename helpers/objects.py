@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from helpers import storage
+from helpers import presigned, storage
 from helpers.data import Manifest, class_folder
 from helpers.transforms import (
     BadImageError,
@@ -102,17 +102,9 @@ class S3ImageDataset:
     def _get(self, paths: list[str]) -> dict:
         """Concurrent GETs (no HEAD first); transient failures retried with back-off for
         ``storage.RETRY_WINDOW_S``, then :class:`storage.StorageUnavailable`."""
-        fs = storage.filesystem(self.url, self.options)
         began, attempt, out, todo = time.monotonic(), 0, {}, list(paths)
         while todo:
-            try:
-                got = fs.cat(todo, on_error="return")
-            except Exception as err:  # noqa: BLE001 - the whole round failed
-                if not storage.is_transient(err):
-                    raise storage.StorageError(
-                        storage.explain(err, self.url, self.options)
-                    ) from err
-                got = dict.fromkeys(todo, err)
+            got = self._round(todo)
             out.update(got)
             failed = [p for p in todo if isinstance(got.get(p), Exception)]
             todo = [p for p in failed if storage.is_transient(got[p])]
@@ -121,6 +113,24 @@ class S3ImageDataset:
                 storage.backoff(began, attempt, err, self.url, self.options, count=len(todo))
                 attempt += 1
         return out
+
+    def _round(self, paths: list[str]) -> dict:
+        """One concurrent GET per path: by presigned URL on kept-alive connections where the
+        store allows it (:mod:`helpers.presigned`, a third of s3fs's CPU per GET), the rest
+        through s3fs. Bytes or the exception, per path."""
+        got = presigned.get_many(presigned.sign(self.url, self.options, paths))
+        rest = [p for p in paths if p not in got]
+        if rest:
+            fs = storage.filesystem(self.url, self.options)
+            try:
+                got.update(fs.cat(rest, on_error="return"))
+            except Exception as err:  # noqa: BLE001 - the whole round failed
+                if not storage.is_transient(err):
+                    raise storage.StorageError(
+                        storage.explain(err, self.url, self.options)
+                    ) from err
+                got.update(dict.fromkeys(rest, err))
+        return got
 
     def _cache_file(self, path: str) -> str:
         import os

@@ -99,18 +99,43 @@ def test_listing_matches_manifest_and_manifest_is_used(dogs):
 
 
 def test_lazy_dataset_fetches_a_batch_in_one_concurrent_call(dogs, monkeypatch):
+    from helpers import presigned
+
     url, options, manifest = dogs
     ds = objects.make_dataset(manifest, manifest.keys, options, 32, train=True)
     fs = storage.filesystem(url, options)
-    calls = []
-    real_cat = fs.cat
-    monkeypatch.setattr(
-        fs, "cat", lambda paths, **kw: calls.append(len(paths)) or real_cat(paths, **kw)
-    )
+    signed, fetched, through_s3fs = [], [], []
+    real_sign, real_get, real_cat = presigned.sign, presigned.get_many, fs.cat
+    monkeypatch.setattr(presigned, "sign", lambda *a: signed.append(len(a[2])) or real_sign(*a))
+    monkeypatch.setattr(presigned, "get_many", lambda u: fetched.append(len(u)) or real_get(u))
+    monkeypatch.setattr(fs, "cat", lambda p, **kw: through_s3fs.append(len(p)) or real_cat(p, **kw))
     batch = ds.__getitems__(list(range(8)))
-    assert calls == [8] and len(batch) == 8
+    # One signing call and one concurrent round of plain GETs for the batch; s3fs not needed.
+    assert (signed, fetched, through_s3fs) == ([8], [8], []) and len(batch) == 8
     x, y = batch[0]
     assert tuple(x.shape) == (3, 32, 32) and y == manifest.label(manifest.keys[0])
+
+
+def test_a_store_that_refuses_presigned_gets_is_read_through_s3fs(dogs, monkeypatch, caplog):
+    from helpers import presigned
+
+    url, options, manifest = dogs
+    ds = objects.make_dataset(manifest, manifest.keys, options, 32, train=False)
+    fs = storage.filesystem(url, options)
+    through_s3fs, real_cat = [], fs.cat
+    monkeypatch.setattr(fs, "cat", lambda p, **kw: through_s3fs.append(len(p)) or real_cat(p, **kw))
+    refusal = (403, "Forbidden", b"<Error><Code>AccessDenied</Code></Error>")
+    tried = []
+    monkeypatch.setattr(presigned, "_request", lambda url: tried.append(url) or refusal)
+    monkeypatch.setitem(presigned._STATE, "refused", False)
+    with caplog.at_level(logging.INFO, logger="helpers.presigned"):
+        first = ds.__getitems__([0, 1, 2])
+        tried_first = len(tried)
+        second = ds.__getitems__([3, 4])
+    assert len(first) == 3 and len(second) == 2  # every image, read through s3fs instead
+    assert through_s3fs == [3, 2] and 1 <= tried_first == len(tried) <= 3  # then no more tries
+    assert "403 AccessDenied" in caplog.text
+    monkeypatch.setitem(presigned._STATE, "refused", False)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ processes (for resuming), and the seeded shuffle buffer.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -64,15 +65,19 @@ def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[tup
     return out
 
 
-def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """A shuffle buffer: once ``size`` items are held, each new one replaces a random one."""
-    buf = []
+def shuffled(items: Iterable[T], size: int, rng: random.Random, initial: int = 0) -> Iterator[T]:
+    """A shuffle buffer of up to ``size`` items that starts yielding once ``initial`` are held
+    (default ``size // 8``): while it grows, two items come in for each that goes out, so an
+    epoch's first batch waits for a few samples, not for a whole buffer of them."""
+    initial = max(1, min(size, initial or size // 8))
+    items, buf = iter(items), []
     for item in items:
+        buf.append(item)
         if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
+            buf.extend(itertools.islice(items, 1))
+        if len(buf) >= initial:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
     rng.shuffle(buf)
     yield from buf

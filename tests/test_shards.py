@@ -109,6 +109,32 @@ def test_names_with_two_dots_are_refused():
         shards.sample_key("Images/n1-a/n1_2.v2.jpg")
 
 
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_tar_reader_reads_what_tarfile_reads_and_names_damage(fmt):
+    long = "Images/" + "n02085620-" + "x" * 90 + "/n02085620_7.jpg"  # over ustar's 100 bytes
+    names = ["Images/n02085620-Chihuahua/n02085620_1.jpg", long, "Images/b/\u00e9t\u00e9_2.jpg"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("Images/b")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 + i
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    blob = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(shards.tar_members(blob)) == expected and len(expected) == 3
+    # Damage: a header's checksum, and data cut short, raise what the stream counts and names.
+    first = blob.index(b"n02085620_1.jpg") // 512 * 512
+    bad = blob[:first] + b"X" + blob[first + 1 :]
+    with pytest.raises(shards.DAMAGED, match="bad checksum"):
+        list(shards.tar_members(bad))
+    with pytest.raises(shards.DAMAGED, match="unexpected end of data"):
+        list(shards.tar_members(blob[: first + 600]))
+
+
 def test_reader_refuses_shards_of_another_manifest(sharded):
     url, options, manifest, index = sharded
     changed = data.make_manifest(url, manifest.keys[1:], {})
@@ -210,6 +236,28 @@ def test_epochs_differ_and_an_epoch_repeats(sharded):
     assert first == again
     assert first != second
     assert ds.stats["samples"] == 16 and ds.stats["padding"] == 0
+
+
+def test_the_shuffle_buffer_starts_early_mixes_widely_and_loses_nothing():
+    import random
+
+    from helpers.streamplan import shuffled
+
+    pulled = []
+
+    def source():
+        for i in range(2000):
+            pulled.append(i)
+            yield i
+
+    out = shuffled(source(), 256, random.Random(0))
+    first = next(out)
+    assert len(pulled) <= 256 // 8  # the first sample waits for 32, not a full buffer of 256
+    rest = [first, *out]
+    assert sorted(rest) == list(range(2000))  # every item once
+    assert rest == list(shuffled(range(2000), 256, random.Random(0)))  # seeded: repeatable
+    late = [pos - item for pos, item in enumerate(rest)]
+    assert max(late) > 256  # the buffer grew: some items wait for hundreds of others
 
 
 def test_resume_mid_epoch_yields_exactly_the_rest(sharded):

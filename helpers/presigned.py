@@ -32,10 +32,12 @@ _STATE: dict = {"pid": None, "pool": None, "refused": False}  # per process: res
 _LOCAL = threading.local()  # each pool thread's kept-alive connections, by (scheme, host)
 
 
-def sign(url: str, options: dict | None, paths: list[str]) -> dict[str, str]:
+def sign(
+    url: str, options: dict | None, paths: list[str], expires_s: int = SIGNED_FOR_S
+) -> dict[str, str]:
     """``{path: presigned GET URL}`` for the ``bucket/key`` ``paths`` of an ``s3://`` ``url``,
-    all signed in one call on the S3 client's event loop; ``{}`` when ``url`` is not on S3, the
-    client cannot sign, or this process has had a presigned GET refused."""
+    valid ``expires_s``, all signed in one call on the S3 client's event loop; ``{}`` when
+    ``url`` is not on S3, the client cannot sign, or this process had a presigned GET refused."""
     from fsspec.asyn import sync
 
     _process()
@@ -43,20 +45,20 @@ def sign(url: str, options: dict | None, paths: list[str]) -> dict[str, str]:
         return {}
     fs = storage.filesystem(url, options)
     try:
-        return sync(fs.loop, _sign_all, fs, paths)
+        return sync(fs.loop, _sign_all, fs, paths, expires_s)
     except Exception as err:  # noqa: BLE001 - the caller reads these through s3fs instead
         log.info("cannot presign GETs under %s (%s); reading through s3fs", url, err)
         _STATE["refused"] = True
         return {}
 
 
-async def _sign_all(fs, paths: list[str]) -> dict[str, str]:
+async def _sign_all(fs, paths: list[str], expires_s: int) -> dict[str, str]:
     s3 = await fs.set_session()
     out = {}
     for path in paths:
         bucket, key, _ = fs.split_path(path)
         out[path] = await s3.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=SIGNED_FOR_S
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s
         )
     return out
 

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-from helpers import shards, storage
+from helpers import presigned, shards, storage
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,11 @@ def presign(url: str, options: dict, names: list[str]) -> dict:
     every epoch) GET shards with plain HTTP: an S3 client costs each new process ~0.3 s of CPU
     (botocore's models and endpoint rules) and its first GET waits for that.
     """
-    if storage.split_url(url)[0] != "s3":
-        return {}
-    fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
-    try:
-        urls = {n: fs.sign(f"{root}/{n}", expiration=SIGNED_FOR_S) for n in names}
-    except Exception as err:  # noqa: BLE001 - the loader processes fall back to the S3 client
-        log.info("cannot presign shard URLs under %s (%s); GETs go through s3fs", url, err)
+    signed = presigned.sign(url, options, [f"{root}/{n}" for n in names], SIGNED_FOR_S)
+    if not signed:
         return {}
-    return {"at": time.time(), "urls": urls}
+    return {"at": time.time(), "urls": {n: signed[f"{root}/{n}"] for n in names}}
 
 
 class Prefetcher:

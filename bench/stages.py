@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from helpers import shards, storage, transforms
+from helpers import objects, shardread, shards, storage, transforms
 
 
 def _ms(seconds: float, n: int) -> float:
@@ -50,26 +50,29 @@ def stage_costs(
     images: int = 96,
 ) -> dict[str, dict[str, float]]:
     """ms per image of each stage of each path, on about ``images`` images, one process."""
-    fs = storage.filesystem(url, options)
-    root, where = storage.split_url(url)[1], storage.split_url(storage.join(url, "shards"))[1]
     keys = list(keys)[:images]
+    shards_url = shards.location(url)
     out = {}
-    # shard path: whole-shard GETs, then tar parsing
+    # shard path: whole-shard GETs as the stream makes them (presigned), then tar parsing
     start, blobs = time.perf_counter(), []
-    for name in shard_names:
-        blobs.append(fs.cat_file(f"{where}/{name}"))
-        if sum(b.count(b".cls") for b in blobs) >= images:
-            break
-    fetched = time.perf_counter() - start
+    signed = shardread.presign(shards_url, options, list(shard_names))
+    with shardread.Prefetcher(shards_url, options, list(shard_names), 0, signed) as fetched:
+        for _, blob in fetched:
+            blobs.append(blob)
+            if sum(b.count(b".cls") for b in blobs) >= images:
+                break
+    fetched_s = time.perf_counter() - start
     start = time.perf_counter()
     items = [(k, m["jpg"]) for b in blobs for k, m in shards.read_shard(b)]
     unpacked = time.perf_counter() - start
-    out["shards"] = {"fetch": _ms(fetched, len(items)), "unpack": _ms(unpacked, len(items))}
+    out["shards"] = {"fetch": _ms(fetched_s, len(items)), "unpack": _ms(unpacked, len(items))}
     out["shards"] |= _decode_transform(items, tf, size)
-    # per-object path: a batch's GETs concurrently
+    # per-object path: a batch's GETs concurrently, as the dataset makes them
+    ds = objects.S3ImageDataset(url, keys, [], options)
+    root = storage.split_url(url)[1]
     start, items = time.perf_counter(), []
     for i in range(0, len(keys), batch_size):
-        got = fs.cat([f"{root}/{k}" for k in keys[i : i + batch_size]])
+        got = ds._fetch([f"{root}/{k}" for k in keys[i : i + batch_size]])
         items += [(k, got[f"{root}/{k}"]) for k in keys[i : i + batch_size]]
     out["objects"] = {"fetch": _ms(time.perf_counter() - start, len(items))}
     out["objects"] |= _decode_transform(items, tf, size)

@@ -116,7 +116,7 @@ class S3ImageDataset:
 
     def _round(self, paths: list[str]) -> dict:
         """One concurrent GET per path: by presigned URL on kept-alive connections where the
-        store allows it (:mod:`helpers.presigned`, a third of s3fs's CPU per GET), the rest
+        store allows it (:mod:`helpers.presigned`: about half the CPU of s3fs per GET), the rest
         through s3fs. Bytes or the exception, per path."""
         got = presigned.get_many(presigned.sign(self.url, self.options, paths))
         rest = [p for p in paths if p not in got]

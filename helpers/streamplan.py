@@ -65,11 +65,11 @@ def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[tup
     return out
 
 
-def shuffled(items: Iterable[T], size: int, rng: random.Random, initial: int = 0) -> Iterator[T]:
-    """A shuffle buffer of up to ``size`` items that starts yielding once ``initial`` are held
-    (default ``size // 8``): while it grows, two items come in for each that goes out, so an
-    epoch's first batch waits for a few samples, not for a whole buffer of them."""
-    initial = max(1, min(size, initial or size // 8))
+def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """A shuffle buffer of up to ``size`` items that starts yielding once ``size // 8`` are held:
+    while it grows, two items come in for each that goes out, so an epoch's first batch waits
+    for a few samples, not for a whole buffer of them."""
+    initial = max(1, size // 8)
     items, buf = iter(items), []
     for item in items:
         buf.append(item)

@@ -240,6 +240,7 @@ def test_epochs_differ_and_an_epoch_repeats(sharded):
 
 def test_the_shuffle_buffer_starts_early_mixes_widely_and_loses_nothing():
     import random
+    import statistics
 
     from helpers.streamplan import shuffled
 
@@ -256,8 +257,8 @@ def test_the_shuffle_buffer_starts_early_mixes_widely_and_loses_nothing():
     rest = [first, *out]
     assert sorted(rest) == list(range(2000))  # every item once
     assert rest == list(shuffled(range(2000), 256, random.Random(0)))  # seeded: repeatable
-    late = [pos - item for pos, item in enumerate(rest)]
-    assert max(late) > 256  # the buffer grew: some items wait for hundreds of others
+    moved = statistics.median(abs(pos - item) for pos, item in enumerate(rest))
+    assert moved > 100  # the buffer grew to 256 (140 here); one stuck at 32 moves items ~20
 
 
 def test_resume_mid_epoch_yields_exactly_the_rest(sharded):

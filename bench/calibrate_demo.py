@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     log.setLevel(logging.INFO)
+    from helpers import transforms
+
     settings = {
         "image_size": args.image_size,
         "images_per_breed": args.per_breed,
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.data_seed,
         "shuffle_pixels": args.shuffle_pixels,
         "shape_area": args.shape_area,
+        "crop_scale": transforms.SCALE[0],  # the training crops' smallest area
         "data_format": args.data_format,
         "arch": "resnet50",
         "loader_workers": 1,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
     import torch
     from PIL import Image
 
-SCALE, RATIO = (0.25, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's area and aspect ranges
+SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's area and aspect ranges
 FLIP_P = 0.5
 
 

@@ -139,6 +139,7 @@ def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
             batch_size=settings["batch_size"],
             lr=settings["lr"],
             warmup_epochs=settings["warmup_epochs"],
+            crop_scale=settings["crop_scale"],
             seed=settings["seed"],
             loader_workers=1,
             threads=1,
@@ -235,6 +236,8 @@ def report(path: Path = RESULTS) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from helpers.transforms import CROP_SCALE
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--per-breed", type=int, default=200, help="images per breed")
@@ -247,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shuffle-pixels", action="store_true", help="the colour-only control")
     parser.add_argument("--shape-area", type=float, nargs=2, default=[0.2, 0.35],
                         help="helpers.synthetic.SHAPE_AREA for the generated images")  # fmt: skip
+    parser.add_argument("--crop-scale", type=float, default=CROP_SCALE,
+                        help="the training crops' smallest share of the area")  # fmt: skip
     parser.add_argument("--data-format", default="objects", choices=["objects", "shards"])
     parser.add_argument("--note", default="", help="a word on why this run was made")
     parser.add_argument("--report", action="store_true", help="print the recorded runs, exit")
@@ -265,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     log.setLevel(logging.INFO)
-    from helpers import transforms
-
     settings = {
         "image_size": args.image_size,
         "images_per_breed": args.per_breed,
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.data_seed,
         "shuffle_pixels": args.shuffle_pixels,
         "shape_area": args.shape_area,
-        "crop_scale": transforms.SCALE[0],  # the training crops' smallest area
+        "crop_scale": args.crop_scale,
         "data_format": args.data_format,
         "arch": "resnet50",
         "loader_workers": 1,

@@ -2,10 +2,10 @@
 
 ``bench/calibrate_demo.py`` appends one run per setting and seed to
 ``bench/results/calibration.json``. This script keeps the finished runs made with notebook 04's
-defaults (the demo's image size, images per breed, epochs, batch, learning rate, warm-up and
-silhouette size, training crops' smallest area; ``helpers.config.TrainConfig``,
-``helpers.synthetic`` and ``helpers.transforms``), and writes one record
-(``bench/record.py``) whose passes are those runs, every one, and whose targets are the claims:
+defaults (the demo's image size, images per breed, epochs, batch, learning rate, warm-up, training
+crops' smallest area and silhouette size; ``helpers.config.TrainConfig`` and ``helpers.synthetic``),
+and writes one record (``bench/record.py``) whose passes are those runs, every one, and whose
+targets are the claims:
 
 - the colour baseline stays at or below 1.5x chance (the worst run);
 - ResNet-50 from scratch reaches at least 3x chance on every seed, per data format;
@@ -39,14 +39,14 @@ def _demo_defaults() -> dict[str, Any]:
     import dataclasses
     import inspect
 
-    from helpers import prepare, synthetic, transforms
+    from helpers import prepare, synthetic
     from helpers.config import TrainConfig
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     per_breed = inspect.signature(prepare.write_synthetic).parameters["per_breed"].default
-    return {k: train[k] for k in ("image_size", "epochs", "batch_size", "lr", "warmup_epochs")} | {
-        "images_per_breed": per_breed, "shape_area": list(synthetic.SHAPE_AREA),
-        "crop_scale": transforms.SCALE[0]}  # fmt: skip
+    names = ("image_size", "epochs", "batch_size", "lr", "warmup_epochs", "crop_scale")
+    return {k: train[k] for k in names} | {
+        "images_per_breed": per_breed, "shape_area": list(synthetic.SHAPE_AREA)}  # fmt: skip
 
 
 DEMO = _demo_defaults()

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from helpers.model import ARCHS
+from helpers.transforms import CROP_SCALE
 
 AMPS = ("auto", "bf16", "fp16", "off")
 IMAGE_SETS = ("val", "train", "all")
@@ -46,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
     label_smoothing: float = 0.1
+    crop_scale: float = CROP_SCALE  # training crops cover this share of the image or more
     val_fraction: float = 0.2  # used when the dataset has no official split
     seed: int = 0  # the split, the initial weights, the shuffles and the augmentations
     data_format: str = "auto"  # "objects", "shards", or "auto": shards where an index exists
@@ -80,6 +82,8 @@ class TrainConfig:
         _at_least(self, ("prefetch", "decode_batch"), 0)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction}; allowed: strictly between 0 and 1")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale={self.crop_scale}; allowed: above 0, at most 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}; allowed: greater than 0")
         if self.resume and not self.checkpoint_url:

@@ -223,10 +223,17 @@ class ToDevice:
     reseeded every epoch (``helpers.loaders.start_epoch``).
     """
 
-    def __init__(self, image_size: int, train: bool, decode_batch: int = 0):
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        decode_batch: int = 0,
+        crop_scale: float = transforms.CROP_SCALE,
+    ):
         import torch
 
         self.image_size, self.train, self.decode_batch = image_size, train, decode_batch
+        self.crop_scale = crop_scale
         self.generator = torch.Generator()
         self.stats: dict[str, int] = {}
         self._streams: dict = {}
@@ -262,7 +269,9 @@ class ToDevice:
             if self.stats.get("cpu_fallback", 0) > before:
                 log.info("decode: %s", self.stats)
             if self.train:
-                images = transforms.train_tensors(decoded, self.image_size, self.generator)
+                images = transforms.train_tensors(
+                    decoded, self.image_size, self.generator, self.crop_scale
+                )
             else:
                 images = transforms.eval_tensors(decoded, self.image_size)
             if self.train and not len(images):  # nothing readable, yet every rank must step

@@ -52,7 +52,9 @@ def make_loaders(cfg: TrainConfig, options: dict | None, rank: Rank, device: tor
             if gpu:
                 loader.collate_fn = gpudecode.collate
     for loader, train in ((train_loader, True), (val_loader, False)):
-        loader.on_device = gpudecode.ToDevice(cfg.image_size, train, cfg.decode_batch)
+        loader.on_device = gpudecode.ToDevice(
+            cfg.image_size, train, cfg.decode_batch, cfg.crop_scale
+        )
         count_retries(loader)
     train_loader.generator = torch.Generator()  # reseeded by start_epoch
     return manifest.classes, train_loader, val_loader
@@ -93,7 +95,8 @@ def _transforms(cfg: TrainConfig, gpu: bool = False) -> tuple:
         if cfg.shuffle_pixels:
             raise ValueError("shuffle_pixels=True needs decode='cpu' (the control runs on CPU)")
         return gpudecode.KeepBytes(), gpudecode.KeepBytes()
-    train_tf, val_tf = train_transform(cfg.image_size), eval_transform(cfg.image_size)
+    train_tf = train_transform(cfg.image_size, cfg.crop_scale)
+    val_tf = eval_transform(cfg.image_size)
     if cfg.shuffle_pixels:  # the control run: the same colours, no spatial structure
         train_tf, val_tf = Compose([train_tf, ShufflePixels()]), Compose([val_tf, ShufflePixels()])
     return train_tf, val_tf

@@ -20,7 +20,10 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
     import torch
     from PIL import Image
 
-SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's area and aspect ranges
+# RandomResizedCrop: a training crop covers CROP_SCALE to all of the image's area, aspect in RATIO.
+# ImageNet's recipe draws from 0.08; the demo's 10 short epochs learn more from lighter crops
+# (bench/results/calibration.json). TrainConfig.crop_scale chooses it per run.
+CROP_SCALE, RATIO = 0.5, (3 / 4, 4 / 3)
 FLIP_P = 0.5
 
 
@@ -58,8 +61,9 @@ def decode_image(data: bytes, key: str, draft: int | None = None) -> Image.Image
     return img.convert("RGB")
 
 
-def train_transform(image_size: int) -> Callable:
-    """Standard training augmentation (torchvision's classification recipe), ending in uint8.
+def train_transform(image_size: int, crop_scale: float = CROP_SCALE) -> Callable:
+    """Standard training augmentation (torchvision's classification recipe), ending in uint8:
+    a random crop of ``crop_scale`` to all of the image's area, resized, and a random flip.
 
     Normalisation happens on the device, inside the model (``helpers.train``): the loader ships
     a quarter of the bytes of float32 and the CPU skips two passes over every image.
@@ -68,7 +72,7 @@ def train_transform(image_size: int) -> Callable:
 
     return T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=SCALE, ratio=RATIO, antialias=True),
+            T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), ratio=RATIO, antialias=True),
             T.RandomHorizontalFlip(FLIP_P),
             T.PILToTensor(),
         ]
@@ -94,17 +98,21 @@ def eval_short_side(image_size: int) -> int:
 
 
 def crop_box(
-    height: int, width: int, generator: torch.Generator | None = None
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    crop_scale: float = CROP_SCALE,
 ) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random crop: torchvision's ``RandomResizedCrop.get_params``
-    (area ``SCALE``, aspect ``RATIO``) draw for draw, from ``generator`` instead of the global
-    generator, so a seeded generator gives the crops the CPU path gives under the same seed."""
+    (area ``crop_scale`` to 1, aspect ``RATIO``) draw for draw, from ``generator`` instead of the
+    global generator, so a seeded generator gives the crops the CPU path gives under the same
+    seed."""
     import torch
 
     area = height * width
     log_ratio = torch.log(torch.tensor(RATIO))
     for _ in range(10):
-        target = area * torch.empty(1).uniform_(*SCALE, generator=generator).item()
+        target = area * torch.empty(1).uniform_(crop_scale, 1.0, generator=generator).item()
         lo, hi = float(log_ratio[0]), float(log_ratio[1])
         aspect = torch.exp(torch.empty(1).uniform_(lo, hi, generator=generator)).item()
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
@@ -135,7 +143,10 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_tensors(
-    images: Sequence[torch.Tensor], image_size: int, generator: torch.Generator | None = None
+    images: Sequence[torch.Tensor],
+    image_size: int,
+    generator: torch.Generator | None = None,
+    crop_scale: float = CROP_SCALE,
 ) -> torch.Tensor:
     """:func:`train_transform` on decoded uint8 (3, H, W) tensors, on their device: a random
     resized crop and a random flip per image, drawn in the CPU path's order; uint8 (N, 3, S, S).
@@ -147,7 +158,7 @@ def train_tensors(
     out = torch.empty(len(images), 3, s, s, device=_device(images))
     flips = []
     for k, x in enumerate(images):
-        top, left, h, w = crop_box(x.shape[1], x.shape[2], generator)
+        top, left, h, w = crop_box(x.shape[1], x.shape[2], generator, crop_scale)
         out[k] = _resize(x[:, top : top + h, left : left + w], (s, s))[0]
         if torch.rand(1, generator=generator).item() < FLIP_P:
             flips.append(k)

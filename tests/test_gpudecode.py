@@ -40,28 +40,30 @@ def _decoded(blob: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("crop_scale", [transforms.CROP_SCALE, 0.08])
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 333), (20, 900), (224, 224)])
-def test_crop_sampler_is_torchvisions_draw_for_draw(height, width):
+def test_crop_sampler_is_torchvisions_draw_for_draw(height, width, crop_scale):
     from torchvision.transforms import RandomResizedCrop
 
     for seed in range(25):
         torch.manual_seed(seed)
         expected = RandomResizedCrop.get_params(
-            torch.zeros(3, height, width), list(transforms.SCALE), list(transforms.RATIO)
+            torch.zeros(3, height, width), [crop_scale, 1.0], list(transforms.RATIO)
         )
-        got = transforms.crop_box(height, width, torch.Generator().manual_seed(seed))
+        got = transforms.crop_box(height, width, torch.Generator().manual_seed(seed), crop_scale)
         assert got == expected
 
 
-@pytest.mark.parametrize("size", [64, 224])
-def test_tensor_path_matches_the_pil_path(size):
+@pytest.mark.parametrize("size, crop_scale", [(64, transforms.CROP_SCALE), (224, 0.08)])
+def test_tensor_path_matches_the_pil_path(size, crop_scale):
     blob = _photo()
     pil, x = transforms.decode_image(blob, "photo"), _decoded(blob)  # full size: no draft
     flips = set()
     for seed in range(6):
         torch.manual_seed(seed)
-        cpu = transforms.train_transform(size)(pil)
-        gpu = transforms.train_tensors([x], size, torch.Generator().manual_seed(seed))[0]
+        cpu = transforms.train_transform(size, crop_scale)(pil)
+        gpu = transforms.train_tensors([x], size, torch.Generator().manual_seed(seed), crop_scale)
+        gpu = gpu[0]
         assert gpu.shape == cpu.shape == (3, size, size) and gpu.dtype == torch.uint8
         assert (cpu.float() - gpu.float()).abs().mean() < TOLERANCE, seed
         flips.add(bool((cpu.float() - cpu.flip(-1).float()).abs().mean() > 10))
@@ -122,8 +124,12 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
     manifest = prepare.write_synthetic(url, None, 2, 6, seed=0)
     shardwrite.write_shards(url, None, val_fraction=0.25, seed=0, shard_size=4, manifest=manifest)
     monkeypatch.setattr(gpudecode, "resolve_decode", lambda decode, device: "gpu")  # on CPU
+    scales, crops = [], transforms.train_tensors
+    monkeypatch.setattr(transforms, "train_tensors",
+                        lambda *a: scales.append(a[3]) or crops(*a))  # fmt: skip
     cfg = TrainConfig(data_url=url, image_size=32, batch_size=3, loader_workers=0,
-                      val_fraction=0.25, data_format=data_format, decode="gpu")  # fmt: skip
+                      val_fraction=0.25, data_format=data_format, decode="gpu",
+                      crop_scale=0.3)  # fmt: skip
     rank = ddp.Rank(0, 1, 0, 1, "127.0.0.1", 0, "w")
     device = torch.device("cpu")
     classes, train, val = loaders.make_loaders(cfg, None, rank, device)
@@ -133,6 +139,7 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
         assert isinstance(batch[0], gpudecode.JpegBatch)
     x, y = loaders.batch_to_device(batch, train, device)
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8 and len(y) == 3
+    assert scales == ([] if data_format == "synthetic" else [0.3])  # the run's crops, on device
     assert set(y.tolist()) <= set(range(len(classes)))
     seen = sum(len(loaders.batch_to_device(loaders.without_padding(b), val, device)[1])
                for b in val)  # fmt: skip
@@ -142,3 +149,12 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
     again = dataclasses.replace(cfg, decode="auto")  # on CPU: the loader processes decode
     if data_format != "synthetic":
         assert loaders.make_loaders(again, None, rank, device)[1].collate_fn is data.collate
+
+
+def test_crop_scale_is_checked_and_reaches_the_cpu_crops():
+    with pytest.raises(ValueError, match="crop_scale=0; allowed: above 0, at most 1"):
+        TrainConfig(data_url="x", crop_scale=0)
+    train_tf, val_tf = loaders._transforms(TrainConfig(data_url="x", crop_scale=0.3))
+    assert train_tf.transforms[0].scale == (0.3, 1.0)
+    default = loaders._transforms(TrainConfig(data_url="x"))[0].transforms[0]
+    assert default.scale == (transforms.CROP_SCALE, 1.0)

@@ -154,7 +154,7 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
 def test_crop_scale_is_checked_and_reaches_the_cpu_crops():
     with pytest.raises(ValueError, match="crop_scale=0; allowed: above 0, at most 1"):
         TrainConfig(data_url="x", crop_scale=0)
-    train_tf, val_tf = loaders._transforms(TrainConfig(data_url="x", crop_scale=0.3))
+    train_tf = loaders._transforms(TrainConfig(data_url="x", crop_scale=0.3))[0]
     assert train_tf.transforms[0].scale == (0.3, 1.0)
     default = loaders._transforms(TrainConfig(data_url="x"))[0].transforms[0]
     assert default.scale == (transforms.CROP_SCALE, 1.0)

@@ -44,17 +44,17 @@ s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint=
 bench: bench-loading bench-ddp bench-report  ## CPU benchmarks, each writing a record to bench/results/
 
 bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder and the peers (2 runs)
-	$(BIN)/python bench/bench_loading.py --images photos
-	$(BIN)/python bench/bench_loading.py --images synthetic
+	$(BIN)/python -m bench.bench_loading --images photos
+	$(BIN)/python -m bench.bench_loading --images synthetic
 
 bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
-	$(BIN)/python bench/bench_ddp.py
+	$(BIN)/python -m bench.bench_ddp
 
 bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
-	$(BIN)/python bench/bench_gpu.py
+	$(BIN)/python -m bench.bench_gpu
 
 bench-report: $(STAMP)  ## rebuild README.md's benchmark table from the newest records
-	$(BIN)/python bench/record.py report
+	$(BIN)/python -m bench.record report
 
 sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
 	$(BIN)/python -m helpers.sweep --workers 1 2

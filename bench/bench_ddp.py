@@ -22,7 +22,7 @@ before the launch call (``ddp.run`` / ``subprocess.run``) to the wall-clock time
 finished its first step; every run's value is reported, and the best of each is compared. Each
 rank uses one thread (``torch.set_num_threads(1)``): one core per rank on a 2-core machine.
 
-    python bench/bench_ddp.py [--steps 30 --warmup 5 --repeats 2 --json out.json]
+    python -m bench.bench_ddp [--steps 30 --warmup 5 --repeats 2 --json out.json]
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from typing import Any
 
 log = logging.getLogger("bench_ddp")
 
-BENCH_DIR = str(Path(__file__).resolve().parent)
-REPO = Path(BENCH_DIR).parent
+REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
 TIMEOUT_S = 180.0  # per job: rendezvous, collectives, and the torchrun subprocess
 STEP_TARGET = 1.05  # Dask per-step time / torchrun per-step time must not exceed this
@@ -144,11 +143,9 @@ def torchrun_worker(args: argparse.Namespace) -> None:
 
 
 def _train_fn() -> Callable[..., dict[str, Any]]:
-    """:func:`train_steps` as the module ``bench_ddp`` (not ``__main__``): Dask then pickles it by
-    reference, and the workers import it from ``bench/``."""
-    if BENCH_DIR not in sys.path:
-        sys.path.insert(0, BENCH_DIR)
-    return importlib.import_module("bench_ddp").train_steps
+    """:func:`train_steps` of the module ``bench.bench_ddp`` (not ``__main__``): Dask then pickles
+    it by reference, and the workers import it (they start with this process's ``sys.path``)."""
+    return importlib.import_module("bench.bench_ddp").train_steps
 
 
 def start_cluster(cfg: dict[str, Any]):
@@ -159,9 +156,6 @@ def start_cluster(cfg: dict[str, Any]):
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     client = cluster.make_client("local", WORLD_SIZE)
-    bench_dir = BENCH_DIR
-    # A lambda travels by value (cloudpickle): the workers need nothing to run it.
-    client.run(lambda: bench_dir in sys.path or sys.path.insert(0, bench_dir))
     ddp.run(client, _train_fn(), 1, 0, cfg["batch"], cfg["image"], cfg["seed"], timeout_s=TIMEOUT_S)
     return client
 
@@ -195,7 +189,8 @@ def time_torchrun(cfg: dict[str, Any]) -> dict[str, Any]:
             "--standalone",
             "--nproc_per_node",
             str(WORLD_SIZE),
-            str(Path(BENCH_DIR) / "bench_ddp.py"),
+            "-m",
+            "bench.bench_ddp",
             "--torchrun-worker",
             "--out",
             str(out),
@@ -310,7 +305,7 @@ def run(
 
 def to_record(result: dict[str, Any]) -> dict[str, Any]:
     """The benchmark record (``bench/record.py``): every run of both launchers, both targets."""
-    import record
+    from bench import record
 
     passes = [
         {"launcher": name, "run": i, **r}
@@ -380,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    import record
+    from bench import record
 
     print(f"record: {record.write(to_record(result), args.records or record.RESULTS)}")
 

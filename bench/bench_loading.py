@@ -16,8 +16,8 @@ CPU seconds it cost the loader and the server. Ratios are of median img/s, with 
 the per-round ratios. Finally a one-process stage profile (fetch, unpack, decode, transform).
 The run writes a record under ``bench/results/`` (``bench/record.py``)::
 
-    python bench/bench_loading.py --images photos      # photo-like JPEGs (bench/photos.py)
-    python bench/bench_loading.py --images synthetic   # helpers.prepare's synthetic dogs
+    python -m bench.bench_loading --images photos      # photo-like JPEGs (bench/photos.py)
+    python -m bench.bench_loading --images synthetic   # helpers.prepare's synthetic dogs
 """
 
 from __future__ import annotations
@@ -31,12 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import contenders as cn
-import photos
-import ratios as rt
-import record
-import stages
-
+from bench import contenders as cn
+from bench import photos, record, stages
+from bench import ratios as rt
 from helpers import data, prepare, s3proxy, s3server, shardwrite, transforms
 
 log = logging.getLogger("bench_loading")

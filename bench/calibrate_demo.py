@@ -17,9 +17,9 @@ Targets (on 10 breeds): colour baseline <= 1.5x chance; ResNet-50's last-epoch t
 chance (or, with ``--shuffle-pixels``, the control, <= 1.5x chance); training within
 ``TRAIN_BUDGET_S``. The machine may be shared: each record keeps the load average around it.
 
-    python bench/calibrate_demo.py --image-size 64 --per-breed 200 --epochs 8 \\
+    python -m bench.calibrate_demo --image-size 64 --per-breed 200 --epochs 8 \\
         --batch-size 16 --lr 0.2 --seed 0 [--shuffle-pixels] [--warmup-epochs 1]
-    python bench/calibrate_demo.py --report        # the table of every recorded run
+    python -m bench.calibrate_demo --report        # the table of every recorded run
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: import this checkout's helpers
-    sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("calibrate_demo")
 

@@ -15,23 +15,17 @@ targets are the claims:
 - training fits the demo's time (``calibrate_demo.TRAIN_BUDGET_S``; the slowest run, with the
   load average it ran under in its pass).
 
-    python bench/demo_accuracy.py            # write the record, print its targets
+    python -m bench.demo_accuracy            # write the record, print its targets
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import calibrate_demo  # noqa: E402 - a sibling script
-import record  # noqa: E402
+from bench import calibrate_demo, record
 
 
 def _demo_defaults() -> dict[str, Any]:

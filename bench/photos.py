@@ -7,7 +7,7 @@ sit near 1/f), a class-tinted soft "subject", and camera-like JPEG settings, at 
 (the Stanford Dogs median). :func:`calibrate` compares their bytes per pixel and decode time
 with a real photograph that matplotlib ships (``grace_hopper.jpg``, 512x600)::
 
-    python bench/photos.py            # print the calibration
+    python -m bench.photos            # print the calibration
 
 They are written in the Stanford Dogs layout (``Images/<wnid>-<breed>/<wnid>_<n>.jpg`` plus
 ``manifest.json``), so ``helpers.prepare``'s shard writer and every loader read them as they
@@ -60,28 +60,47 @@ def photo(label: int, n_classes: int, rng, size: tuple[int, int] = (WIDTH, HEIGH
 
 
 def write_photos(
-    url: str, options: dict | None = None, n_breeds: int = 10, per_breed: int = 60, seed: int = 0
+    url: str,
+    options: dict | None = None,
+    n_breeds: int = 10,
+    per_breed: int = 60,
+    seed: int = 0,
+    processes: int = 1,
 ) -> data.Manifest:
     """Photo-like JPEGs under ``url`` in the Stanford Dogs layout, and their manifest.
 
-    Deterministic for a seed; about 37 KB and 50 ms of generation per image.
+    Deterministic for a seed, whatever ``processes`` makes them (a forked pool; about 37 KB and
+    50 ms of generation per image, so thousands take minutes on one core).
     """
-    import numpy as np
+    import multiprocessing as mp
 
     keys = prepare.synthetic_keys(n_breeds, per_breed)
     prepare._ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
-    for start in range(0, len(keys), prepare.UPLOAD_CHUNK):
-        blobs = {}
-        for key, label in keys[start : start + prepare.UPLOAD_CHUNK]:
-            rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
-            blobs[f"{root}/{key}"] = photo(label, n_breeds, rng)
-        fs.pipe(blobs)  # concurrent PUTs
+    jobs = [(key, label, n_breeds, seed) for key, label in keys]
+    pool = mp.get_context("fork").Pool(processes) if processes > 1 else None
+    try:
+        for start in range(0, len(jobs), prepare.UPLOAD_CHUNK):
+            chunk = jobs[start : start + prepare.UPLOAD_CHUNK]
+            made = pool.imap(_photo, chunk, chunksize=8) if pool else map(_photo, chunk)
+            fs.pipe({f"{root}/{key}": blob for key, blob in made})  # concurrent PUTs
+    finally:
+        if pool is not None:
+            pool.close()
     manifest = data.make_manifest(url, [k for k, _ in keys], {})
     data.write_manifest(manifest, options)
     log.info("wrote %d photo-like images of %d breeds to %s", len(keys), n_breeds, url)
     return manifest
+
+
+def _photo(job: tuple) -> tuple[str, bytes]:
+    """``(key, JPEG)`` of one ``(key, label, n_classes, seed)``: seeded by (seed, label, number)."""
+    import numpy as np
+
+    key, label, n_classes, seed = job
+    rng = np.random.default_rng([seed, label, int(key.rsplit("_", 1)[1][:-4])])
+    return key, photo(label, n_classes, rng)
 
 
 def reference_photo() -> bytes:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 
-import record
-import stages
+from bench import record, stages
 
 # (name, numerator, denominator, target): ratios of median img/s
 RATIOS = (

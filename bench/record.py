@@ -7,8 +7,8 @@ measured value, target, met or not, and what limits it when missed). A figure in
 without a record behind it is a bug, so the README's table is generated from the newest record
 of each benchmark::
 
-    python bench/record.py report          # rewrite README.md's table between the markers
-    python bench/record.py report --check  # fail if the table is not what the records say
+    python -m bench.record report          # rewrite README.md's table between the markers
+    python -m bench.record report --check  # fail if the table is not what the records say
 """
 
 from __future__ import annotations

@@ -1,26 +1,18 @@
 """The benchmarks run (tiny sizes) and write well-formed records; the loading benchmark's ratios
 move when a contender is slowed on purpose; the README table is built from records."""
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY = {"breeds": 2, "per_breed": 10, "image_size": 32, "batch_size": 4, "workers": 1,
         "passes": 2, "peer_limit": 8, "shard_size": 4, "profile": False}  # fmt: skip
 
 
 def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the scripts import their siblings (record, photos)
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
 log = logging.getLogger(__name__)
 
 NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames
+# What ToDevice.stats counts besides "images": decodes the CPU did instead of nvJPEG, by cause.
+FALLBACKS = ("fallback_header", "fallback_rejected", "unreadable")
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
@@ -168,7 +170,9 @@ def decode_jpegs(
 ) -> list:
     """Each image of ``batch`` as uint8 (3, H, W) on ``device``, or None where no decoder can
     read it. nvJPEG takes ``chunk`` images a call (0: all); an image it is not given or rejects
-    goes to the CPU decoder, counted in ``stats["cpu_fallback"]``."""
+    goes to the CPU decoder. ``stats`` counts them by cause (:data:`FALLBACKS`): not given
+    (``"fallback_header"``: its header says nvJPEG cannot take it), rejected
+    (``"fallback_rejected"``), and, of both, ``"unreadable"`` by any decoder."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     stats = stats if stats is not None else {}
@@ -184,9 +188,11 @@ def decode_jpegs(
             images = [_one(blobs[k], device) for k in part]
         for k, image in zip(part, images, strict=True):
             out[k] = image
+    given = set(gpu)
     for k, image in enumerate(out):
         if image is None:
-            stats["cpu_fallback"] = stats.get("cpu_fallback", 0) + 1
+            cause = "fallback_rejected" if k in given else "fallback_header"
+            stats[cause] = stats.get(cause, 0) + 1
             out[k] = _cpu(blobs[k], k, device, stats)
     stats["images"] = stats.get("images", 0) + len(blobs)
     return out
@@ -261,12 +267,12 @@ class ToDevice:
         import torch
 
         if isinstance(images, JpegBatch):
-            before = self.stats.get("cpu_fallback", 0)
+            before = [self.stats.get(k, 0) for k in FALLBACKS]
             decoded = decode_jpegs(images, device, self.decode_batch, self.stats)
             keep = [k for k, x in enumerate(decoded) if x is not None]
             if len(keep) < len(decoded):
                 labels, decoded = labels[keep], [decoded[k] for k in keep]
-            if self.stats.get("cpu_fallback", 0) > before:
+            if [self.stats.get(k, 0) for k in FALLBACKS] != before:
                 log.info("decode: %s", self.stats)
             if self.train:
                 images = transforms.train_tensors(

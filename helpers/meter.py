@@ -44,11 +44,19 @@ class StepMeter:
         self.correct = torch.zeros((), device=device)
         self.seen = self.window_seen = 0
         self.wait = self.window_wait = 0.0
+        self.next_batch_s = self.wait_s = 0.0  # the epoch's data wait, and its first stage
         self.start = self.window_start = self.tick = time.perf_counter()
+
+    def fetched(self) -> None:
+        """Call when the loader has handed over a batch: the time since the last step went to
+        waiting for it (the rest of the data wait is moving it to the device)."""
+        self.next_batch_s += time.perf_counter() - self.tick
 
     def waited(self) -> None:
         """Call when a batch is on the device: the time since the last step was data wait."""
-        self.window_wait += time.perf_counter() - self.tick
+        waited = time.perf_counter() - self.tick
+        self.window_wait += waited
+        self.wait_s += waited
 
     def add(
         self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lr: float
@@ -91,5 +99,7 @@ class StepMeter:
             "train_images": self.seen,
             "train_img_per_s": self.seen * self.rank.world_size / elapsed,
             "data_wait": self.wait / elapsed,
+            "wait_next_batch_s": self.next_batch_s,  # waiting for the loader's next batch
+            "wait_to_device_s": self.wait_s - self.next_batch_s,  # copy (GPU: decode, augment)
             "epoch_s": elapsed,
         }

@@ -101,6 +101,7 @@ def train_one_epoch(
     retried, steps = storage.retries(), steps_per_epoch(loader, cfg)
     meter = StepMeter(device, epoch, steps, cfg, rank)
     for step, batch in zip(range(first_step, steps), loader, strict=False):  # stop at steps
+        meter.fetched()
         empty = batch is None  # every image of the batch was unreadable (and logged)
         # Copied, or with GPU decode decoded and augmented, on the device: part of the data wait.
         images, labels = batch_to_device(batch or placeholder_batch(cfg.image_size), loader, device)
@@ -125,7 +126,9 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step + 1)
     retried = storage.retries() - retried  # this pass's, by this rank and its loaders
-    return meter.summary(device) | {"s3_retries": retried, "first_step": first_step}
+    decode = getattr(getattr(loader, "on_device", None), "stats", {})  # GPU decode's fallbacks
+    return meter.summary(device) | {"s3_retries": retried, "first_step": first_step,
+                                    "decode": dict(decode)}  # fmt: skip
 
 
 def evaluate(

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
-TINY = {"breeds": 2, "per_breed": 10, "image_size": 32, "batch_size": 4, "workers": 1,
-        "passes": 2, "peer_limit": 8, "shard_size": 4, "profile": False}  # fmt: skip
+TINY = {
+    "breeds": 2,
+    "per_breed": 10,
+    "image_size": 32,
+    "batch_size": 4,
+    "workers": 1,
+    "passes": 2,
+    "peer_limit": 8,
+    "shard_size": 4,
+    "profile": False,
+}
 
 
 def _load(name):
@@ -31,8 +40,13 @@ def test_loading_benchmark_records_every_contender_and_its_ratios_move(tmp_path)
     label = "shards / local-disk ImageFolder, draft on"
     before = rec["results"]["ratios"][label]["median"]
     # Slowed on purpose: 0.3 s after each of the shard path's ~4 batches per pass.
-    slowed = bench.run("photos", **TINY | {"passes": 1}, only=("shards", "imagefolder"),
-                       delay={"shards": 0.3}, out="")  # fmt: skip
+    slowed = bench.run(
+        "photos",
+        **TINY | {"passes": 1},
+        only=("shards", "imagefolder"),
+        delay={"shards": 0.3},
+        out="",
+    )
     assert slowed["results"]["ratios"][label]["median"] < 0.6 * before
 
 
@@ -62,13 +76,39 @@ def test_gpu_route_benchmark_runs_on_cpu_too(tmp_path):
         pytest.skip("on a GPU this is the full grid: bash bench/gpu_route.sh run")
     rec = _load("bench_gpu").run(str(tmp_path))  # without CUDA: its tiny CPU settings
     names = [p["name"] for p in rec["passes"]]
-    assert names[0] == "synthetic" and any(n.startswith("shards/cpu") for n in names)
-    assert any(n.startswith("objects/cpu") for n in names)
-    assert all(p["img_per_s"] > 0 and p["epochs"] for p in rec["passes"])
+    assert names[:4] == [
+        "synthetic",
+        "shards/gpu (1, 2, 0)",
+        "objects/gpu (1, 2, 0)",
+        "shards/cpu (1, 2, 0)",
+    ]  # the most telling first
+    done = [p for p in rec["passes"] if p["status"] == "done"]
+    assert [p["name"] for p in done] == [
+        "synthetic",
+        "shards/cpu (1, 2, 0)",
+        "objects/cpu (1, 2, 0)",
+    ]
+    assert all(
+        p["img_per_s"] > 0 and p["epochs"] and "next_batch" in p["wait_shares"] for p in done
+    )
     assert rec["settings"]["s3_backend"] in ("seaweedfs", "moto")
+    assert rec["device"]["torch"] and rec["device"]["gpu"] is None
+    on_disk = json.loads(Path(rec["path"]).read_text())  # the last rewrite: every pass
+    assert [p["status"] for p in on_disk["passes"]] == [p["status"] for p in rec["passes"]]
     assert [f.name for f in tmp_path.glob("bench_gpu-*.json")] == [Path(rec["path"]).name]
     assert len(rec["targets"]) == 5 and not any(t["met"] for t in rec["targets"])  # no GPU here
     assert all("CUDA" in why for why in rec["results"]["skipped"].values())
+
+
+@pytest.mark.slow
+def test_gpu_route_stops_within_its_budget_and_marks_the_rest_not_run(tmp_path):
+    bench = _load("bench_gpu")
+    rec = bench.run(str(tmp_path), budget_s=0.01)  # spent by the setup: only the first pass runs
+    status = {p["name"]: (p["status"], p.get("why", "")) for p in rec["passes"]}
+    assert status["synthetic"][0] == "done"
+    assert status["shards/cpu (1, 2, 0)"][0] == "not run"
+    assert status["shards/cpu (1, 2, 0)"][1].startswith("time budget")
+    assert status["shards/gpu (1, 2, 0)"] == ("skipped", "decode='gpu' needs CUDA")
 
 
 @pytest.mark.slow
@@ -88,11 +128,15 @@ def test_demo_accuracy_record_checks_every_claim_against_its_runs():
     acc = _load("demo_accuracy")
 
     def run(seed, fmt, top1, shuffle=False, train_s=300.0):
-        return {"environment": {"commit": "abc"}, "val_top1": [0.1, top1],
-                "settings": acc.DEMO | {"seed": seed, "data_format": fmt,
-                                        "shuffle_pixels": shuffle},
-                "chance": {"uniform": 0.1}, "colour_baseline": {"best": 0.11},
-                "seconds": {"train_s": train_s}, "load_avg_1min": {}}  # fmt: skip
+        return {
+            "environment": {"commit": "abc"},
+            "val_top1": [0.1, top1],
+            "settings": acc.DEMO | {"seed": seed, "data_format": fmt, "shuffle_pixels": shuffle},
+            "chance": {"uniform": 0.1},
+            "colour_baseline": {"best": 0.11},
+            "seconds": {"train_s": train_s},
+            "load_avg_1min": {},
+        }
 
     runs = [run(s, f, 0.35 + s / 100) for s in range(3) for f in ("shards", "objects")]
     runs += [run(0, "shards", 0.12, shuffle=True), run(0, "objects", 0.9) | {"status": "stopped"}]
@@ -107,8 +151,9 @@ def test_demo_accuracy_record_checks_every_claim_against_its_runs():
     assert not {t["name"]: t["met"] for t in acc.targets(low)[0]}[
         "ResNet-50 top-1 / chance, worst seed, shards (the demo's path)"
     ]
-    gap = [p | {"val_top1": p["val_top1"] + 0.2} if p["data_format"] == "shards" else p
-           for p in done]  # fmt: skip
+    gap = [
+        p | {"val_top1": p["val_top1"] + 0.2} if p["data_format"] == "shards" else p for p in done
+    ]
     assert not {t["name"]: t["met"] for t in acc.targets(gap)[0]}[
         "mean top-1 gap, shards vs objects, / seed spread"
     ]

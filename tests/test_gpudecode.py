@@ -96,15 +96,25 @@ def test_bytes_batches_decode_with_fallbacks_counted_and_labels_aligned():
     x, y = mover((images, labels), torch.device("cpu"))
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8
     assert y.tolist() == [0, 1, 2]  # the broken one left out, its label with it
-    assert mover.stats["cpu_fallback"] == 3 and mover.stats["unreadable"] == 1
+    # CMYK and PNG go by their headers; nvJPEG was given the broken one, and so was PIL
+    assert mover.stats == {
+        "fallback_header": 2,
+        "fallback_rejected": 1,
+        "unreadable": 1,
+        "images": 4,
+    }
     expected = transforms.eval_transform(32)(transforms.decode_image(png, "png"))
     assert (x[2].float() - expected.float()).abs().mean() < TOLERANCE
 
 
 def test_padding_mask_selects_from_a_bytes_batch():
     blobs = [_photo(seed=s) for s in range(3)]
-    batch = (gpudecode.JpegBatch.of(blobs), torch.tensor([0, 1, 2]), ["a", "b", ""],
-             torch.tensor([False, False, True]))  # fmt: skip
+    batch = (
+        gpudecode.JpegBatch.of(blobs),
+        torch.tensor([0, 1, 2]),
+        ["a", "b", ""],
+        torch.tensor([False, False, True]),
+    )
     images, labels = loaders.without_padding(batch)
     assert len(images) == 2 and labels.tolist() == [0, 1]
     assert [b.numpy().tobytes() for b in images.blobs()] == blobs[:2]
@@ -125,11 +135,17 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
     shardwrite.write_shards(url, None, val_fraction=0.25, seed=0, shard_size=4, manifest=manifest)
     monkeypatch.setattr(gpudecode, "resolve_decode", lambda decode, device: "gpu")  # on CPU
     scales, crops = [], transforms.train_tensors
-    monkeypatch.setattr(transforms, "train_tensors",
-                        lambda *a: scales.append(a[3]) or crops(*a))  # fmt: skip
-    cfg = TrainConfig(data_url=url, image_size=32, batch_size=3, loader_workers=0,
-                      val_fraction=0.25, data_format=data_format, decode="gpu",
-                      crop_scale=0.3)  # fmt: skip
+    monkeypatch.setattr(transforms, "train_tensors", lambda *a: scales.append(a[3]) or crops(*a))
+    cfg = TrainConfig(
+        data_url=url,
+        image_size=32,
+        batch_size=3,
+        loader_workers=0,
+        val_fraction=0.25,
+        data_format=data_format,
+        decode="gpu",
+        crop_scale=0.3,
+    )
     rank = ddp.Rank(0, 1, 0, 1, "127.0.0.1", 0, "w")
     device = torch.device("cpu")
     classes, train, val = loaders.make_loaders(cfg, None, rank, device)
@@ -141,8 +157,9 @@ def test_loaders_ship_bytes_and_the_rank_decodes_them(tmp_path, monkeypatch, dat
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8 and len(y) == 3
     assert scales == ([] if data_format == "synthetic" else [0.3])  # the run's crops, on device
     assert set(y.tolist()) <= set(range(len(classes)))
-    seen = sum(len(loaders.batch_to_device(loaders.without_padding(b), val, device)[1])
-               for b in val)  # fmt: skip
+    seen = sum(
+        len(loaders.batch_to_device(loaders.without_padding(b), val, device)[1]) for b in val
+    )
     n_val = len(data.split(manifest, 0.25, 0).val)
     assert seen == (n_val if data_format != "synthetic" else -(-n_val // 3) * 3)  # whole batches
     monkeypatch.undo()
@@ -158,3 +175,63 @@ def test_crop_scale_is_checked_and_reaches_the_cpu_crops():
     assert train_tf.transforms[0].scale == (0.3, 1.0)
     default = loaders._transforms(TrainConfig(data_url="x"))[0].transforms[0]
     assert default.scale == (transforms.CROP_SCALE, 1.0)
+
+
+# On a GPU (pytest -m gpu; bash bench/gpu_route.sh run): the same checks on the device.
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decodes_a_batch_as_pil_does_and_counts_fallbacks_by_cause():
+    cuda = torch.device("cuda")
+    good = [_photo(seed=s) for s in range(4)]
+    blobs = [*good, _photo(mode="CMYK"), good[0][:200] + bytes(len(good[0]) - 200)]
+    stats: dict = {}
+    out = gpudecode.decode_jpegs(gpudecode.JpegBatch.of(blobs), cuda, chunk=3, stats=stats)
+    assert all(x.device.type == "cuda" for x in out[:5]) and out[5] is None
+    for blob, x in zip(good, out[:4], strict=True):
+        pil = torch.from_numpy(np.asarray(transforms.decode_image(blob, "k"))).permute(2, 0, 1)
+        assert (pil.float() - x.cpu().float()).abs().mean() < TOLERANCE
+    assert stats == {"fallback_header": 1, "fallback_rejected": 1, "unreadable": 1, "images": 6}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [True, False])
+def test_the_device_augments_as_the_loader_processes_do(train):
+    blobs = [_photo(seed=s) for s in range(4)]
+    labels = torch.arange(4)
+    mover = gpudecode.ToDevice(64, train=train, crop_scale=0.3)
+    mover.generator.manual_seed(7)
+    x, y = mover((gpudecode.JpegBatch.of(blobs), labels), torch.device("cuda"))
+    assert x.device.type == "cuda" and y.tolist() == [0, 1, 2, 3]
+    g = torch.Generator().manual_seed(7)
+    decoded = [_decoded(b) for b in blobs]
+    expected = (
+        transforms.train_tensors(decoded, 64, g, 0.3)
+        if train
+        else transforms.eval_tensors(decoded, 64)
+    )
+    assert (x.cpu().float() - expected.float()).abs().mean() < TOLERANCE
+
+
+@pytest.mark.gpu
+def test_one_rank_trains_from_shards_decoding_on_the_gpu(dogs, tmp_path):
+    from helpers import train
+    from helpers.cluster import make_client
+
+    url, options, manifest = dogs
+    shardwrite.ensure_shards(url, options, val_fraction=0.2, seed=0)
+    cfg = TrainConfig(
+        data_url=url,
+        image_size=64,
+        batch_size=8,
+        epochs=1,
+        max_steps=3,
+        loader_workers=1,
+        data_format="shards",
+        decode="gpu",
+    )
+    with make_client("cuda", n_workers=1) as client:
+        (history,) = ddp.run(client, train.train_rank, cfg, options)
+    (epoch,) = [r for r in history if r["kind"] == "epoch"]
+    assert epoch["device"].startswith("cuda") and np.isfinite(epoch["train_loss"])
+    assert epoch["decode"]["images"] >= 3 * 8 and not epoch["decode"].get("unreadable")

@@ -4,13 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lab s3 bench bench-loading bench-ddp bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install lab s3 bench bench-loading bench-ddp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
-	$(BIN)/python -m helpers.demo
+	$(BIN)/python -m helpers.run.demo
 
 test: $(STAMP) lint  ## lint, then the helpers' tests, every notebook headless and nbval's kept outputs
 	$(BIN)/python -m pytest
+
+check: $(STAMP) lint  ## the fast tier, for the edit-test loop: no cluster, notebook, browser or benchmark
+	$(BIN)/python -m pytest -m "not (slow or notebook or browser or twohost or bench)"
 
 install: $(STAMP)
 
@@ -39,7 +42,7 @@ lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebook
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
-	$(BIN)/python -m helpers.s3server serve --dir .s3data
+	$(BIN)/python -m helpers.s3.server serve --dir .s3data
 
 bench: bench-loading bench-ddp bench-report  ## CPU benchmarks, each writing a record to bench/results/
 
@@ -57,7 +60,7 @@ bench-report: $(STAMP)  ## rebuild README.md's benchmark table from the newest r
 	$(BIN)/python -m bench.record report
 
 sweep: $(STAMP)  ## the scaling sweep alone: notebook 04 on 1 and 2 workers
-	$(BIN)/python -m helpers.sweep --workers 1 2
+	$(BIN)/python -m helpers.run.sweep --workers 1 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check helpers tests bench notebooks jupyter

@@ -69,7 +69,7 @@ def train_steps(
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from helpers.model import build_model
+    from helpers.loop.model import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
@@ -111,7 +111,7 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from helpers.ddp import Rank
+    from helpers.config import Rank
 
     env = os.environ
     rank = Rank(
@@ -314,11 +314,19 @@ def to_record(result: dict[str, Any]) -> dict[str, Any]:
     ]
     r = result["ratios"]
     targets = [
-        record.target("per-step time, Dask / torchrun (best runs)",
-                      round(r["step Dask/torchrun"]["value"], 3), "<=", STEP_TARGET),
-        record.target("time to first step, Dask (warm cluster) / torchrun (best runs)",
-                      round(r["first step Dask/torchrun"]["value"], 3), "<", 1.0),
-    ]  # fmt: skip
+        record.target(
+            "per-step time, Dask / torchrun (best runs)",
+            round(r["step Dask/torchrun"]["value"], 3),
+            "<=",
+            STEP_TARGET,
+        ),
+        record.target(
+            "time to first step, Dask (warm cluster) / torchrun (best runs)",
+            round(r["first step Dask/torchrun"]["value"], 3),
+            "<",
+            1.0,
+        ),
+    ]
     results = {"best": result["best"], "wall_s": round(result["wall_s"], 1)}
     return record.build("bench_ddp", result["config"], passes, targets, results)
 

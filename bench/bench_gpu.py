@@ -3,15 +3,15 @@
 What it runs: exactly what notebook 04 calls. A Dask cluster (``cluster.make_client("cuda")``,
 one rank per GPU; on a machine without one ``make_client("local", 1)``), ``ddp.run`` of
 ``train.train_rank`` with a :class:`helpers.config.TrainConfig`, ResNet50, AMP and channels_last
-on CUDA, the data in the embedded S3 server on loopback (``helpers.s3server``: SeaweedFS, or moto
+on CUDA, the data in the embedded S3 server on loopback (``helpers.s3.server``: SeaweedFS, or moto
 where SeaweedFS is not installed; the record says which), photo-like JPEGs (``bench.photos``,
 500x375, a real photo's bytes and decode cost) as tar shards and as one object per image.
 
 Each pass trains ``epochs`` epochs; the first is warm-up (worker start, cuDNN autotuning) and the
-rest are timed: img/s of the whole rank set, the data-wait share (``helpers.meter``: from one
+rest are timed: img/s of the whole rank set, the data-wait share (``helpers.loop.meter``: from one
 optimizer step to the next forward, decode on the GPU and host-to-device copies included, since
-``gpudecode.ToDevice`` waits for them) split into its stages (waiting for the loader's next batch,
-then decoding, augmenting and copying it), the decode fallbacks by cause, and GPU utilisation
+``ToDevice`` waits for them) split into its stages (waiting for the loader's next batch, then
+decoding, augmenting and copying it), the decode fallbacks by cause, and GPU utilisation
 sampled by NVML on the workers *while* the job runs (``Monitor.sample_gpus``, about twice a
 second, kept for the timed epochs only).
 
@@ -50,9 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import photos, record
-from helpers import cluster, ddp, monitor, s3server, shardwrite
+from helpers import cluster, ddp, monitor, prepare
 from helpers import train as tr
 from helpers.config import TrainConfig
+from helpers.s3 import server as s3server
 
 log = logging.getLogger("bench_gpu")
 URL = "s3://bench/photos"
@@ -299,7 +300,7 @@ def run(out: str | None = None, **overrides: Any) -> dict:
             t0 = time.perf_counter()
             cores = max(1, (os.cpu_count() or 1) - 1)
             manifest = photos.write_photos(URL, options, s.breeds, s.per_breed, s.seed, cores)
-            shardwrite.write_shards(
+            prepare.write_shards(
                 URL,
                 options,
                 val_fraction=0.2,
@@ -440,7 +441,7 @@ def targets(passes: list[dict]) -> list[dict]:
 
 def notes(cuda: bool, settings: dict) -> list[str]:
     backend = settings.get("s3_backend", "?")
-    out = [f"S3 server: {backend} on loopback (helpers.s3server.EmbeddedS3)"]
+    out = [f"S3 server: {backend} on loopback (helpers.s3.server.EmbeddedS3)"]
     if backend == "moto":
         out.append("moto is a Python server: the per-object pass may measure moto, not the route")
     if not cuda:

@@ -34,7 +34,10 @@ from typing import Any
 from bench import contenders as cn
 from bench import photos, record, stages
 from bench import ratios as rt
-from helpers import data, prepare, s3proxy, s3server, shardwrite, transforms
+from helpers import data, measure, prepare
+from helpers.loading import transforms
+from helpers.s3 import proxy as s3proxy
+from helpers.s3 import server as s3server
 
 log = logging.getLogger("bench_loading")
 
@@ -46,25 +49,19 @@ KEYS = ("shards", "objects", "imagefolder", "s3torchconnector", "webdataset", "d
 
 
 def time_pass(loader, delay: float = 0.0, meter: stages.CpuMeter | None = None) -> dict:
-    """Iterate one pass: images, seconds, img/s, CPU; ``delay`` s slept after each batch."""
+    """One pass timed as the notebooks time a loader (``measure.time_loader``), with the CPU it
+    cost; ``delay`` s slept after each batch (a contender slowed on purpose)."""
     meter = meter or stages.CpuMeter(None)
-    n = batches = 0
     with meter:
-        start = time.perf_counter()
-        for batch in loader:
-            if batch is not None:
-                n, batches = n + len(batch[1]), batches + 1
-            if delay:
-                time.sleep(delay)
-        seconds = time.perf_counter() - start
+        timed = measure.time_loader(_slowed(loader, delay) if delay else loader)
     del loader  # its processes end before the next contender starts
-    return {
-        "images": n,
-        "batches": batches,
-        "seconds": round(seconds, 3),
-        "img_per_s": round(n / seconds, 1),
-        **meter.result,
-    }
+    return {**timed, **meter.result}
+
+
+def _slowed(loader, delay: float):
+    for batch in loader:
+        yield batch
+        time.sleep(delay)
 
 
 def make_dataset(kind: str, breeds: int, per_breed: int, options: dict, seed: int):
@@ -138,7 +135,7 @@ def run(
         with s3server.EmbeddedS3(Path(tmp) / "s3") as server:
             options = server.storage_options
             manifest = make_dataset(images, breeds, per_breed, options, seed)
-            index = shardwrite.write_shards(
+            index = prepare.write_shards(
                 URL, options, val_fraction=0.2, seed=seed, shard_size=shard_size, manifest=manifest
             )
             train = index["splits"]["train"]

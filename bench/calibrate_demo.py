@@ -6,7 +6,7 @@ images, seed, shuffled pixels on or off) this does what notebook 04 does, and me
 1. generate the synthetic dogs (``helpers.prepare.write_synthetic``, 10 breeds) on an embedded
    S3 server and split them 80/20 (``helpers.data.split``);
 2. score the colour baselines train -> val (``helpers.baseline``), on images decoded as
-   validation sees them (``helpers.data.eval_transform`` at the training size), and chance;
+   validation sees them (``helpers.data.dataset`` at the training size), and chance;
 3. train ResNet-50 from scratch through the real DDP path: ``helpers.ddp.run`` with
    ``helpers.train.train_rank`` on a 2-worker LocalCluster, one loader process and one thread
    per rank, a checkpoint each epoch, as the notebook runs it;
@@ -29,13 +29,14 @@ import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,30 +50,23 @@ COLOUR_MAX, CNN_MIN, CONTROL_MAX = 1.5, 3.0, 1.5  # multiples of uniform chance
 
 
 def environment() -> dict[str, Any]:
-    """Commit (and whether helpers/ or bench/ had uncommitted changes), date, machine, versions."""
-    import torch
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    """Commit (and whether helpers/ or bench/ had uncommitted changes), date, machine, versions:
+    ``bench.record``'s facts, in the shape of the runs already in calibration.json."""
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "helpers", "bench/calibrate_demo.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    versions = record.versions()
     return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "helpers", "bench/calibrate_demo.py")),
+        "commit": (record.commit()["sha"] or "")[:7],
+        "dirty": bool(dirty),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": record.machine(),
+        "python": versions["python"],
+        "torch": versions["torch"],
     }
 
 
@@ -80,9 +74,9 @@ def decoded(manifest, keys, options, image_size: int):
     """``keys`` fetched and decoded as validation sees them: uint8 ``(N, 3, S, S)`` and labels."""
     import torch
 
-    from helpers import objects
+    from helpers import data
 
-    ds = objects.make_dataset(manifest, keys, options, image_size, train=False, on_error="raise")
+    ds = data.dataset(manifest, keys, options, image_size, train=False, on_error="raise")
     images, labels = [], []
     for start in range(0, len(ds), 128):
         for _, x, y in ds.samples(list(range(start, min(start + 128, len(ds))))):
@@ -93,18 +87,10 @@ def decoded(manifest, keys, options, image_size: int):
 
 def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
     """One run: data, colour baselines, DDP training; the record (without the environment)."""
-    from helpers import (
-        baseline,
-        cluster,
-        data,
-        ddp,
-        prepare,
-        s3server,
-        shardwrite,
-        synthetic,
-        train,
-    )
+    from helpers import baseline, cluster, data, ddp, prepare, train
     from helpers.config import TrainConfig
+    from helpers.loading import synthetic
+    from helpers.s3 import server as s3server
 
     synthetic.SHAPE_AREA = tuple(settings["shape_area"])
 
@@ -128,7 +114,7 @@ def calibrate(settings: dict[str, Any]) -> dict[str, Any]:
         log.info("colour baselines %s, chance %s", _pct(colour), _pct(chance))
 
         if settings["data_format"] == "shards":
-            shardwrite.write_shards(url, options, seed=settings["seed"])
+            prepare.write_shards(url, options, seed=settings["seed"])
         cfg = TrainConfig(
             data_url=url,
             arch="resnet50",
@@ -184,10 +170,10 @@ def _pct(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1%}" for k, v in d.items())
 
 
-def append(record: dict[str, Any], path: Path = RESULTS) -> None:
-    """Add ``record`` to the file's ``runs`` (the header says who wrote last, on what)."""
+def append(run: dict[str, Any], path: Path = RESULTS) -> None:
+    """Add ``run`` to the file's ``runs`` (the header says who wrote last, on what)."""
     doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    doc = {**record["environment"], "runs": doc["runs"] + [record]}
+    doc = {**run["environment"], "runs": doc["runs"] + [run]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -234,7 +220,7 @@ def report(path: Path = RESULTS) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from helpers.transforms import CROP_SCALE
+    from helpers.config import CROP_SCALE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=64)
@@ -246,10 +232,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="split and initial weights")
     parser.add_argument("--data-seed", type=int, default=0, help="the generated images")
     parser.add_argument("--shuffle-pixels", action="store_true", help="the colour-only control")
-    parser.add_argument("--shape-area", type=float, nargs=2, default=[0.2, 0.35],
-                        help="helpers.synthetic.SHAPE_AREA for the generated images")  # fmt: skip
-    parser.add_argument("--crop-scale", type=float, default=CROP_SCALE,
-                        help="the training crops' smallest share of the area")  # fmt: skip
+    parser.add_argument(
+        "--shape-area",
+        type=float,
+        nargs=2,
+        default=[0.2, 0.35],
+        help="helpers.synthetic.SHAPE_AREA for the generated images",
+    )
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        default=CROP_SCALE,
+        help="the training crops' smallest share of the area",
+    )
     parser.add_argument("--data-format", default="objects", choices=["objects", "shards"])
     parser.add_argument("--note", default="", help="a word on why this run was made")
     parser.add_argument("--report", action="store_true", help="print the recorded runs, exit")
@@ -290,16 +285,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     env = environment()
     started = time.perf_counter()
-    record = calibrate(settings)
-    record["seconds"]["total_s"] = round(time.perf_counter() - started, 1)
-    record = {"environment": env, **record}
-    append(record, args.results)
+    run = calibrate(settings)
+    run["seconds"]["total_s"] = round(time.perf_counter() - started, 1)
+    run = {"environment": env, **run}
+    append(run, args.results)
     log.info(
         "top-1 per epoch %s; colour best %.1f%%; %.0f s training; targets %s",
-        " ".join(f"{100 * v:.1f}" for v in record["val_top1"]),
-        100 * record["colour_baseline"]["best"],
-        record["seconds"]["train_s"],
-        record["targets"],
+        " ".join(f"{100 * v:.1f}" for v in run["val_top1"]),
+        100 * run["colour_baseline"]["best"],
+        run["seconds"]["train_s"],
+        run["targets"],
     )
     print(report(args.results))
 

@@ -1,7 +1,7 @@
 """The loaders :mod:`bench_loading` compares, each built on equal terms.
 
 Every contender reads the same training images of the same embedded S3 server (or a local
-copy of them), decodes with ``helpers.transforms.decode_image`` (draft on or off, as asked) and
+copy of them), decodes with ``transforms.decode_image`` (draft on or off, as asked) and
 applies the one transform object it is given, in ``workers`` loader processes with the same
 batch size, ``prefetch_factor`` and collate function, no disk cache, and workers started afresh
 each pass (the shard stream needs that for its epochs; torch's default for the others).
@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import data, s3server, storage, stream, transforms
+from helpers import data
+from helpers.loading import dataloader, transforms
+from helpers.s3 import server as s3server
+from helpers.s3 import storage
+from helpers.shards import format as shard_format
+from helpers.shards.stream import Reading, ShardStream, Share
 
 REGION = "us-east-1"
 
@@ -52,7 +57,7 @@ class Contender:
 
 
 def loader(s: Settings, dataset, shuffle: bool):
-    """A DataLoader with the shared settings (the shard stream's comes from make_shard_loader)."""
+    """A DataLoader with the shared settings (the shard stream's: ``dataloader.stream_loader``)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -60,7 +65,7 @@ def loader(s: Settings, dataset, shuffle: bool):
         batch_size=s.batch_size,
         shuffle=shuffle,
         num_workers=s.workers,
-        collate_fn=data.collate,
+        collate_fn=dataloader.collate,
         persistent_workers=False,
         prefetch_factor=s.prefetch if s.workers else None,
     )
@@ -72,42 +77,42 @@ def at(options: dict, endpoint: str) -> dict:
 
 
 def shards(s: Settings) -> Contender:
-    """The project's streaming shards: ``ShardStream`` + ``make_shard_loader``."""
+    """The project's streaming shards: ``ShardStream`` + ``dataloader.stream_loader``."""
 
     def build(endpoint: str, draft: bool):
-        ds = stream.ShardStream(
-            s.manifest.url,
-            "train",
-            at(s.options, endpoint),
-            batch_size=s.batch_size,
+        options = at(s.options, endpoint)
+        index = shard_format.read_index(s.manifest.url, options)
+        shard_format.check_index(index, s.manifest)
+        share = Share(batch_size=s.batch_size, seed=s.seed)
+        reading = Reading(
+            transforms.decode_image,
+            s.transform,
             image_size=s.image_size,
-            transform=s.transform,
-            manifest=s.manifest,
-            seed=s.seed,
-            shuffle_buffer=s.shuffle_buffer,
             draft=draft,
+            shuffle_buffer=s.shuffle_buffer,
         )
-        return stream.make_shard_loader(ds, s.workers, prefetch_factor=s.prefetch)
+        ds = ShardStream(index, s.manifest.url, "train", options, share, reading)
+        return dataloader.stream_loader(ds, s.workers, prefetch=s.prefetch)
 
-    return Contender("shards", "shards, helpers.stream", build, images=len(s.keys))
+    return Contender("shards", "shards, helpers.shards.stream", build, images=len(s.keys))
 
 
 def objects(s: Settings) -> Contender:
     """The project's per-object dataset (a batch's GETs concurrent), no disk cache."""
-    from helpers.objects import S3ImageDataset
+    from helpers.loading.objects import S3ImageDataset
 
     def build(endpoint: str, draft: bool):
         ds = S3ImageDataset(
             s.manifest.url,
             s.keys,
-            s.manifest.classes,
+            [s.manifest.label(k) for k in s.keys],
             at(s.options, endpoint),
             s.transform,
             draft=s.image_size if draft else None,
         )
         return loader(s, ds, shuffle=True)
 
-    return Contender("objects", "per-object, helpers.objects", build, images=len(s.keys))
+    return Contender("objects", "per-object, helpers.loading.objects", build, images=len(s.keys))
 
 
 def _read_file(draft: int | None, path: str):

@@ -33,14 +33,17 @@ def _demo_defaults() -> dict[str, Any]:
     import dataclasses
     import inspect
 
-    from helpers import prepare, synthetic
+    from helpers import prepare
     from helpers.config import TrainConfig
+    from helpers.loading import synthetic
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     per_breed = inspect.signature(prepare.write_synthetic).parameters["per_breed"].default
     names = ("image_size", "epochs", "batch_size", "lr", "warmup_epochs", "crop_scale")
     return {k: train[k] for k in names} | {
-        "images_per_breed": per_breed, "shape_area": list(synthetic.SHAPE_AREA)}  # fmt: skip
+        "images_per_breed": per_breed,
+        "shape_area": list(synthetic.SHAPE_AREA),
+    }
 
 
 DEMO = _demo_defaults()
@@ -49,9 +52,10 @@ DEMO = _demo_defaults()
 def demo_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The finished runs made with the demo's defaults."""
     return [
-        r for r in runs
+        r
+        for r in runs
         if "status" not in r and all(r["settings"].get(k) == v for k, v in DEMO.items())
-    ]  # fmt: skip
+    ]
 
 
 def passes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -59,14 +63,21 @@ def passes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         s, chance = r["settings"], r["chance"]["uniform"]
-        out.append({
-            "seed": s["seed"], "data_format": s.get("data_format", "objects"),
-            "shuffle_pixels": s["shuffle_pixels"], "val_top1": r["val_top1"][-1],
-            "val_top1_per_epoch": r["val_top1"], "colour_best": r["colour_baseline"]["best"],
-            "chance": chance, "top1_over_chance": r["val_top1"][-1] / chance,
-            "train_s": r["seconds"]["train_s"], "load_avg_1min": r["load_avg_1min"],
-            "commit": r["environment"]["commit"],
-        })  # fmt: skip
+        out.append(
+            {
+                "seed": s["seed"],
+                "data_format": s.get("data_format", "objects"),
+                "shuffle_pixels": s["shuffle_pixels"],
+                "val_top1": r["val_top1"][-1],
+                "val_top1_per_epoch": r["val_top1"],
+                "colour_best": r["colour_baseline"]["best"],
+                "chance": chance,
+                "top1_over_chance": r["val_top1"][-1] / chance,
+                "train_s": r["seconds"]["train_s"],
+                "load_avg_1min": r["load_avg_1min"],
+                "commit": r["environment"]["commit"],
+            }
+        )
     return out
 
 
@@ -74,10 +85,13 @@ def targets(done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str,
     """The claims as targets (a claim with no run behind it is a miss), and the numbers used."""
     cnn = [p for p in done if not p["shuffle_pixels"]]
     control = [p for p in done if p["shuffle_pixels"]]
-    by_format = {f: [p["val_top1"] for p in cnn if p["data_format"] == f]
-                 for f in ("shards", "objects")}  # fmt: skip
-    worst = {f: min((p["top1_over_chance"] for p in cnn if p["data_format"] == f), default=None)
-             for f in by_format}  # fmt: skip
+    by_format = {
+        f: [p["val_top1"] for p in cnn if p["data_format"] == f] for f in ("shards", "objects")
+    }
+    worst = {
+        f: min((p["top1_over_chance"] for p in cnn if p["data_format"] == f), default=None)
+        for f in by_format
+    }
     results: dict[str, Any] = {"top1_by_format": by_format}
     gap = spread = None
     if all(len(v) >= 3 for v in by_format.values()):

@@ -1,6 +1,6 @@
 """Photo-like JPEGs for benchmarks: the size and decode cost of real photographs, seeded.
 
-Flat synthetic shapes (``helpers.prepare.synthetic_image``) compress to a few KB and decode in
+Flat synthetic shapes (``helpers.loading.synthetic``) compress to a few KB and decode in
 a fraction of a real photo's time, which flatters every loader that decodes. These images have
 a natural image's spectrum instead: colour noise whose amplitude falls as 1/f^1.65 (real scenes
 sit near 1/f), a class-tinted soft "subject", and camera-like JPEG settings, at 500x375 px
@@ -21,7 +21,9 @@ import logging
 import statistics
 import time
 
-from helpers import data, prepare, storage
+from helpers import data, prepare
+from helpers.loading.synthetic import synthetic_keys
+from helpers.s3 import storage
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def write_photos(
     """
     import multiprocessing as mp
 
-    keys = prepare.synthetic_keys(n_breeds, per_breed)
+    keys = synthetic_keys(n_breeds, per_breed)
     prepare._ensure_bucket(url, options)
     fs = storage.filesystem(url, options)
     root = storage.split_url(url)[1]
@@ -113,7 +115,7 @@ def reference_photo() -> bytes:
 
 def decode_ms(blob: bytes, repeats: int = 15) -> float:
     """Median milliseconds to decode ``blob`` to RGB (full size, no draft)."""
-    from helpers.transforms import decode_image
+    from helpers.loading.transforms import decode_image
 
     times = []
     for _ in range(repeats):
@@ -146,7 +148,9 @@ def calibrate(samples: int = 8, seed: int = 0) -> dict:
         },
     }
     out["real"]["decode_ms"], out["photo_like"]["decode_ms"] = (
-        statistics.median(real_ms), statistics.median(our_ms))  # fmt: skip
+        statistics.median(real_ms),
+        statistics.median(our_ms),
+    )
     out["real"]["decode_ms_per_mpx"] = out["real"]["decode_ms"] / (rw * rh) * 1e6
     out["photo_like"]["decode_ms_per_mpx"] = out["photo_like"]["decode_ms"] / px * 1e6
     return out

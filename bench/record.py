@@ -29,8 +29,12 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 VERSIONED = ("torch", "torchvision", "dask", "distributed", "s3fs", "Pillow", "numpy")
-OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t,
-       "<": lambda v, t: v < t}  # fmt: skip
+OPS = {
+    ">=": lambda v, t: v >= t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    "<": lambda v, t: v < t,
+}
 
 
 def target(

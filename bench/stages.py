@@ -17,7 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-from helpers import objects, shardread, shards, storage, transforms
+from helpers.loading import transforms
+from helpers.loading.objects import S3ImageDataset
+from helpers.s3 import storage
+from helpers.shards import format as shard_format
+from helpers.shards import read as shardread
 
 
 def _ms(seconds: float, n: int) -> float:
@@ -51,7 +55,7 @@ def stage_costs(
 ) -> dict[str, dict[str, float]]:
     """ms per image of each stage of each path, on about ``images`` images, one process."""
     keys = list(keys)[:images]
-    shards_url = shards.location(url)
+    shards_url = shard_format.location(url)
     out = {}
     # shard path: whole-shard GETs as the stream makes them (presigned), then tar parsing
     start, blobs = time.perf_counter(), []
@@ -63,12 +67,12 @@ def stage_costs(
                 break
     fetched_s = time.perf_counter() - start
     start = time.perf_counter()
-    items = [(k, m["jpg"]) for b in blobs for k, m in shards.read_shard(b)]
+    items = [(k, m["jpg"]) for b in blobs for k, m in shard_format.read_shard(b)]
     unpacked = time.perf_counter() - start
     out["shards"] = {"fetch": _ms(fetched_s, len(items)), "unpack": _ms(unpacked, len(items))}
     out["shards"] |= _decode_transform(items, tf, size)
     # per-object path: a batch's GETs concurrently, as the dataset makes them
-    ds = objects.S3ImageDataset(url, keys, [], options)
+    ds = S3ImageDataset(url, keys, None, options)
     root = storage.split_url(url)[1]
     start, items = time.perf_counter(), []
     for i in range(0, len(keys), batch_size):

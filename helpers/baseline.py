@@ -9,8 +9,9 @@ colour classifiers say how far colour goes on a split (``best`` is the strongest
   classes (88% on the old hue-per-breed generator at 100 images a class, where the first got 41%);
 - a joint 8x8x8 colour histogram + nearest class centroid (Hellinger distance), the classic.
 
-:func:`shuffle_pixels` keeps each image's colours and destroys its layout: a CNN trained and
-evaluated on shuffled pixels can only use colour, so it should land where these baselines do.
+Shuffled pixels (:func:`helpers.loading.transforms.shuffle_pixels`) keep each image's colours and
+destroy its layout: a CNN trained and evaluated on them can only use colour, so it should land
+where these baselines do.
 Images are uint8 tensors ``(N, 3, H, W)`` or a list of PIL images / ``(3, H, W)`` tensors of any
 size. Only torch and numpy, no scikit-learn.
 """
@@ -21,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from helpers.transforms import shuffle_pixels  # noqa: F401 - the control's transform
+from helpers import data
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
@@ -106,9 +107,13 @@ def _fit_logistic(x, y, n_classes: int, l2: float, max_iter: int = 200):
 
 
 def logistic_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-    n_classes: int, seed: int = 0,
-) -> float:  # fmt: skip
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    n_classes: int,
+    seed: int = 0,
+) -> float:
     """Val accuracy of logistic regression on features ``*_x``; L2 from :data:`L2_GRID`."""
     import torch
 
@@ -132,9 +137,12 @@ def logistic_accuracy(
 
 
 def centroid_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
     n_classes: int,
-) -> float:  # fmt: skip
+) -> float:
     """Val accuracy of nearest class centroid on histograms (Hellinger: sqrt, then Euclid)."""
     import torch
 
@@ -147,9 +155,11 @@ def centroid_accuracy(
 
 
 def colour_baseline(
-    train_images: Sequence, train_labels: Sequence[int], val_images: Sequence,
+    train_images: Sequence,
+    train_labels: Sequence[int],
+    val_images: Sequence,
     val_labels: Sequence[int],
-) -> dict:  # fmt: skip
+) -> dict:
     """The colour classifiers trained on train and scored on val: accuracies and ``best``."""
     train, val = histograms(train_images, train_labels), histograms(val_images, val_labels)
     return fit(train, val)
@@ -177,20 +187,23 @@ def fit(train: dict, val: dict) -> dict:
 
 
 def split_histograms(
-    url: str, keys: Sequence[str], classes: Sequence[str], options: dict | None, image_size: int
+    manifest: Manifest, keys: Sequence[str], options: dict | None, image_size: int
 ) -> dict:
     """:func:`histograms` of ``keys`` decoded as validation sees them: a Dask task that returns
     a few hundred numbers an image, never the images."""
-    from helpers.objects import S3ImageDataset
-    from helpers.transforms import eval_transform
-
-    ds = S3ImageDataset(url, keys, classes, options, eval_transform(image_size), draft=image_size)
+    ds = data.dataset(manifest, keys, options, image_size, train=False)
     samples = ds.samples(list(range(len(keys))))
     return histograms([x for _, x, _ in samples], [y for _, _, y in samples])
 
 
-def on_cluster(client: Client, manifest: Manifest, split: Split, options: dict | None,
-               image_size: int, chunk: int = 200) -> dict:  # fmt: skip
+def on_cluster(
+    client: Client,
+    manifest: Manifest,
+    split: Split,
+    options: dict | None,
+    image_size: int,
+    chunk: int = 200,
+) -> dict:
     """:func:`fit` on the split's train and val images, the decoding spread over the workers."""
     import torch
 
@@ -198,9 +211,11 @@ def on_cluster(client: Client, manifest: Manifest, split: Split, options: dict |
     for name, keys in (("train", split.train), ("val", split.val)):
         chunks = [keys[i : i + chunk] for i in range(0, len(keys), chunk)]
         done = client.gather(
-            [client.submit(split_histograms, manifest.url, c, manifest.classes, options,
-                           image_size, pure=False) for c in chunks]
-        )  # fmt: skip
+            [
+                client.submit(split_histograms, manifest, c, options, image_size, pure=False)
+                for c in chunks
+            ]
+        )
         parts[name] = {k: torch.cat([d[k] for d in done]) for k in ("channel", "joint", "y")}
     return fit(parts["train"], parts["val"])
 

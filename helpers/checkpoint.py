@@ -17,14 +17,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from helpers import storage
-from helpers.model import build_model
+from helpers.errors import CheckpointError, NotFound
+from helpers.loop.model import build_model
+from helpers.s3 import retry, storage
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
-    from torch.optim.lr_scheduler import LRScheduler
 
     from helpers.config import TrainConfig
+    from helpers.loop.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,17 @@ def save(folder: str, options: dict | None, state: dict, keep: int = 2) -> None:
     url = path(folder)
     protocol, key = storage.split_url(url)
     fs = storage.filesystem(url, options)
-    try:
+    with storage.explained(url, options):
         if fs.exists(key) and keep > 1:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
             fs.mv(key, key[: -len(".pt")] + f"-{stamp}.pt")
         if protocol == "file":
             _write_local(key, blob)
         else:  # S3 objects appear whole or not at all; a throttled PUT is retried
-            storage.retrying(lambda: fs.pipe_file(key, blob), url, options)
+            retry.retrying(lambda: fs.pipe_file(key, blob), storage.describe(url, options))
         older = _versions(fs, key)
         for old in older[: max(0, len(older) - (keep - 1))]:
             fs.rm(old)
-    except OSError as err:
-        raise storage.StorageError(storage.explain(err, url, options)) from err
 
 
 def _write_local(key: str, blob: bytes) -> None:
@@ -98,25 +97,19 @@ def _versions(fs, key: str) -> list[str]:
 
 def state_of(
     cfg: TrainConfig,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
+    trained: TrainState,
     epoch: int,
     classes: Sequence[str],
     metrics: dict,
-    scaler: torch.amp.GradScaler | None = None,
     step: int = 0,
     position: dict | None = None,
 ) -> dict:
-    """What :func:`save` writes (``model`` is the bare module): after ``epoch`` whole epochs
-    and ``step`` steps of the next, whose data position is ``position``."""
+    """What :func:`save` writes: the training state after ``epoch`` whole epochs and ``step``
+    steps of the next, whose data position is ``position``, with the run's config and classes."""
     import torch
 
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        **trained.state_dict(),
         "epoch": epoch,
         "step": step,
         "position": position,
@@ -131,14 +124,15 @@ def load(folder: str, options: dict | None = None) -> dict | None:
     """The newest checkpoint dict in ``folder`` (its digest checked), or None if there is none.
 
     ``checkpoint.pt`` missing while an older one exists (a kill between :func:`save`'s two
-    renames) means the older one. A checkpoint whose digest does not match raises ValueError.
+    renames) means the older one. A checkpoint whose digest does not match raises
+    :class:`~helpers.errors.CheckpointError`.
     """
     url = path(folder)
     fs = storage.filesystem(url, options)
     key = storage.split_url(url)[1]
-    try:
+    with storage.explained(url, options):
         try:
-            raw = storage.retrying(lambda: fs.cat_file(key), url, options)
+            raw = retry.retrying(lambda: fs.cat_file(key), storage.describe(url, options))
         except FileNotFoundError:
             older = _versions(fs, key)
             if not older:
@@ -147,8 +141,6 @@ def load(folder: str, options: dict | None = None) -> dict | None:
                 f"{url.rsplit('/', 1)[0]}/{older[-1].rsplit('/', 1)[-1]}",
                 fs.cat_file(older[-1]),
             )
-    except Exception as err:  # noqa: BLE001 - one clear message for every backend error
-        raise storage.StorageError(storage.explain(err, url, options)) from err
     return _verified(raw, url)
 
 
@@ -158,7 +150,7 @@ def _verified(raw: bytes, url: str) -> dict:
     body, tail = raw[: -len(TRAILER) - 64], raw[-len(TRAILER) - 64 :]
     if tail.startswith(TRAILER):
         if hashlib.sha256(body).hexdigest().encode() != tail[len(TRAILER) :]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{url} is corrupt: its sha256 does not match its contents (a damaged copy or "
                 "a partial write); delete it to resume from the previous checkpoint"
             )
@@ -166,7 +158,7 @@ def _verified(raw: bytes, url: str) -> dict:
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not torch.save's format
-        raise ValueError(
+        raise CheckpointError(
             f"{url} is not a readable checkpoint ({type(err).__name__}: {err})"
         ) from err
 
@@ -180,28 +172,22 @@ def check_resumable(state: dict, cfg: TrainConfig) -> None:
         if state["config"].get(k) != getattr(cfg, k)
     ]
     if changed:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot resume from {where}: {'; '.join(changed)} (a changed split "
             "would leak validation images into training); keep them or start afresh"
         )
     if state["epoch"] >= cfg.epochs:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} is already at epoch {state['epoch']}; resume needs "
             f"epochs > {state['epoch']} (got epochs={cfg.epochs})"
         )
 
 
 def resume(
-    cfg: TrainConfig,
-    options: dict | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
-    scaler: torch.amp.GradScaler | None = None,
-    restart: bool = False,
+    cfg: TrainConfig, options: dict | None, trained: TrainState, restart: bool = False
 ) -> tuple[int, int, dict | None]:
-    """Load the run's checkpoint into the given objects; returns ``(epoch, step, position)``
-    to start from: ``step`` steps into ``epoch`` at data ``position`` (None: its start).
+    """Load the run's checkpoint into ``trained``; returns ``(epoch, step, position)`` to start
+    from: ``step`` steps into ``epoch`` at data ``position`` (None: its start).
 
     ``restart``: an automatic restart resumes only this job's own checkpoint (the same
     ``topic``), never one an earlier run left in the folder, unless ``cfg.resume``.
@@ -212,11 +198,7 @@ def resume(
     if state is None or (restart and not cfg.resume and state["config"]["topic"] != cfg.topic):
         return 1, 0, None
     check_resumable(state, cfg)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    trained.load_state_dict(state)
     if state.get("rng") is not None:
         torch.set_rng_state(state["rng"])
     step = state.get("step", 0)
@@ -229,12 +211,12 @@ def model_from(folder: str, options: dict | None = None) -> tuple[torch.nn.Modul
     where = path(folder)
     state = load(folder, options)
     if state is None:
-        raise FileNotFoundError(
+        raise NotFound(
             f"no checkpoint at {where}; train first (notebook 04) or check checkpoint_url"
         )
     missing = [k for k in REQUIRED if k not in state]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} is not a checkpoint of helpers.train: it lacks {missing} "
             f"(expected a dict with {list(REQUIRED)})"
         )
@@ -242,7 +224,7 @@ def model_from(folder: str, options: dict | None = None) -> tuple[torch.nn.Modul
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} does not fit a {state['config']['arch']} with "
             f"{len(state['classes'])} classes: {err}"
         ) from err

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import Client
 
+from helpers.errors import ClusterError, NotFound, ParameterError, SchedulerUnreachable
+
 if TYPE_CHECKING:  # for annotations only
     from distributed.security import Security
 
@@ -69,21 +71,21 @@ def check_cluster(cluster: str, tls_dir: str = "") -> str:
     """Validate the ``cluster`` parameter (and ``tls_dir``, which a ``tls://`` address needs);
     returns ``cluster`` unchanged."""
     if not (cluster in CLUSTERS or cluster.startswith(("tcp://", "tls://", "ucx://"))):
-        raise ValueError(
+        raise ParameterError(
             f"cluster={cluster!r}; allowed: 'auto', 'local', 'cuda', or a scheduler "
             "address such as 'tcp://10.0.0.5:8786' or 'tls://...'"
         )
     tls = cluster.startswith("tls://")
     if tls_dir and not tls:
-        raise ValueError(f"tls_dir={tls_dir!r} is for a tls:// scheduler; cluster={cluster!r}")
+        raise ParameterError(f"tls_dir={tls_dir!r} is for a tls:// scheduler; cluster={cluster!r}")
     if tls and not tls_dir and not _tls_configured():
-        raise ValueError(
+        raise ParameterError(
             f"cluster={cluster!r} needs tls_dir: a folder holding {', '.join(TLS_FILES)} (or "
             "the Dask config's distributed.comm.tls settings, as some deployments write them)"
         )
     missing = [f for f in TLS_FILES if tls_dir and not os.path.isfile(os.path.join(tls_dir, f))]
     if missing:
-        raise FileNotFoundError(
+        raise NotFound(
             f"tls_dir={tls_dir!r} has no {', '.join(missing)}; it must hold {', '.join(TLS_FILES)}"
             " (the CA that signed the cluster's certificates, this client's certificate and key)"
         )
@@ -129,7 +131,7 @@ def make_client(
         try:
             return Client(cluster, timeout=timeout, security=security)
         except OSError as err:
-            raise ConnectionError(
+            raise SchedulerUnreachable(
                 f"no Dask scheduler answered at {cluster} within {timeout}: {err}"
             ) from err
     if cluster == "auto":
@@ -177,7 +179,7 @@ def _cuda_cluster(n_workers, security, protocol):
         )
     except Exception as err:  # noqa: BLE001 - NVMLError_LibraryNotFound and friends
         if gpu_count() == 0:
-            raise RuntimeError(
+            raise ClusterError(
                 "cluster='cuda' needs NVIDIA GPUs and their driver, and this machine has none "
                 f"({type(err).__name__}). Use cluster='local' (CPU) or 'auto'."
             ) from err
@@ -188,19 +190,6 @@ def _temporary_security():
     from distributed.security import Security
 
     return Security.temporary()
-
-
-def describe(client: Client) -> str:
-    """One line: how many workers, threads, GPUs, and where the dashboard is."""
-    info = client.scheduler_info(n_workers=-1)
-    workers = info["workers"].values()
-    threads = sum(w["nthreads"] for w in workers)
-    gpus = sum(1 for w in workers if w.get("gpu"))
-    return (
-        f"{len(workers)} workers, {threads} threads"
-        + (f", {gpus} GPUs" if gpus else "")
-        + f"; dashboard {client.dashboard_link}"
-    )
 
 
 def worker_facts() -> dict:
@@ -226,7 +215,7 @@ def check_workers(client: Client) -> None:
     facts = client.run(worker_facts)
     daemonic = sorted(w for w, f in facts.items() if f["daemon"])
     if daemonic:
-        raise RuntimeError(
+        raise ClusterError(
             f"worker(s) {', '.join(daemonic)} are daemonic processes, which may not start "
             "DataLoader worker processes. Start the workers with the environment variable "
             "DASK_DISTRIBUTED__WORKER__DAEMON=False (or the Dask config key "

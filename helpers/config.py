@@ -1,40 +1,89 @@
 """The one way in for settings: frozen dataclasses whose field names match the notebooks'
-parameters, with every check of a value in one place.
+parameters, with every check of a value in one place, and what a task is told about its place
+in a job (:class:`Rank`).
 
 Defaults are the laptop demo's (2 CPU cores, the embedded S3 server, the synthetic dogs); GPU runs
-override them by parameters (papermill ``-p``). Notebook 04's parameters cell, ``helpers.sweep``,
-the tests and the benchmarks all start from :class:`TrainConfig`; a test keeps the notebooks'
-parameter cells equal to these defaults.
+override them by parameters (papermill ``-p``). Notebook 04's parameters cell, the sweep, the
+tests and the benchmarks all start from :class:`TrainConfig`; a test keeps the notebooks'
+parameter cells equal to these defaults. A job's restart, hang and topic settings live in the
+config it launches (:class:`JobConfig`), so ``ddp.start(client, train.train_rank, cfg, options)``
+behaves the same from a notebook and from a script.
+
+Bottom layer: this module imports nothing of the project but :mod:`helpers.errors`, and every
+layer may import it.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from helpers.model import ARCHS
-from helpers.transforms import CROP_SCALE
+from helpers.errors import ParameterError
 
+ARCHS = ("resnet50", "resnet18")
 AMPS = ("auto", "bf16", "fp16", "off")
 IMAGE_SETS = ("val", "train", "all")
-DATA_FORMATS = ("auto", "objects", "shards")
-TRAIN_FORMATS = (*DATA_FORMATS, "synthetic")  # synthetic: the benchmarks' no-data ceiling
+FORMATS = ("auto", "objects", "shards")  # where the images are read from; "auto": shards if any
+TRAIN_FORMATS = (*FORMATS, "synthetic")  # synthetic: the benchmarks' no-data ceiling
 DECODES = ("auto", "cpu", "gpu")
+# Training crops cover CROP_SCALE to all of the image's area. ImageNet's recipe draws from 0.08;
+# the demo's 10 short epochs learn more from lighter crops (bench/results/calibration.json).
+CROP_SCALE = 0.5
 
 
-def _allowed(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+def allowed(name: str, value: object, choices: Sequence) -> None:
+    """Raise :class:`ParameterError` naming ``name`` and ``choices`` unless ``value`` is one."""
+    if value not in choices:
+        raise ParameterError(f"{name}={value!r}; allowed: {', '.join(map(repr, choices))}")
 
 
 def _at_least(obj, names: tuple[str, ...], low: int) -> None:
     for name in names:
         if getattr(obj, name) < low:
-            raise ValueError(f"{name}={getattr(obj, name)}; allowed: {low} or more")
+            raise ParameterError(f"{name}={getattr(obj, name)}; allowed: {low} or more")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Rank:
+    """One rank's place in a DDP job, as the launcher (:mod:`helpers.ddp`) plans it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    worker: str
+    gpu: int = 0  # index among the GPUs this worker sees (when it has any)
+    job: str = ""  # the attempt's unique name: task keys, the stop switch, the heartbeat
+    attempt: int = 0  # 0, then 1, 2... after automatic restarts: resume from the checkpoint
+    restarts: tuple = ()  # the records of the restarts so far (cause, error, time)
+
+    @classmethod
+    def alone(cls) -> Rank:
+        """The one rank of a job of one, in this process (measuring a loader outside a job)."""
+        return cls(0, 1, 0, 1, "127.0.0.1", 0, "this process")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """How a DDP job lives on the cluster; :func:`helpers.ddp.run` reads it from the config it
+    launches (a :class:`TrainConfig` is one)."""
+
+    max_restarts: int = 0  # automatic restarts after a lost worker or a hung rank
+    hang_s: float = 120.0  # a rank silent this long (no step done) is hung (0 = never)
+    restart_wait_s: float = 120.0  # how long a restart waits for the workers to be back
+    topic: str = ""  # the Dask event topic of this job's metrics; "" = a fresh one
+
+    def __post_init__(self):
+        _at_least(self, ("max_restarts", "hang_s", "restart_wait_s"), 0)
+        if not self.topic:  # each job its own topic: two notebooks on one cluster never mix
+            object.__setattr__(self, "topic", f"training-{uuid.uuid4().hex[:8]}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(JobConfig):
     """Everything a rank needs to train; carried from the notebook to every worker."""
 
     data_url: str  # the folder holding Images/ (and manifest.json)
@@ -60,46 +109,43 @@ class TrainConfig:
     resume: bool = False  # continue from checkpoint_url's checkpoint if there is one
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0 = at epoch ends only)
     keep_checkpoints: int = 2  # checkpoints kept in checkpoint_url, the newest
-    max_restarts: int = 0  # automatic restarts after a lost worker or a hung rank
-    hang_s: float = 120.0  # a rank silent this long (no step done) is hung (0 = never)
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
     log_every: int = 10  # steps between metric records
     max_steps: int = 0  # per epoch; 0 = the whole epoch (smoke tests use a few)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks on the host
     shuffle_pixels: bool = False  # the control: pixels shuffled within each image
     stop_after_epoch: int = 0  # end this run early (0 = at epochs); resume=True continues it
-    topic: str = ""  # the Dask event topic of this job's metrics; "" = a fresh one
 
     def __post_init__(self):
-        _allowed("arch", self.arch, ARCHS)
-        _allowed("amp", self.amp, AMPS)
-        _allowed("data_format", self.data_format, TRAIN_FORMATS)
-        _allowed("decode", self.decode, DECODES)
+        super().__post_init__()
+        allowed("arch", self.arch, ARCHS)
+        allowed("amp", self.amp, AMPS)
+        allowed("data_format", self.data_format, TRAIN_FORMATS)
+        allowed("decode", self.decode, DECODES)
         _at_least(self, ("image_size",), 32)
         _at_least(self, ("epochs", "batch_size", "log_every", "keep_checkpoints"), 1)
-        _at_least(self, ("checkpoint_every", "max_restarts", "hang_s"), 0)
-        _at_least(self, ("loader_workers", "max_steps", "threads", "stop_after_epoch"), 0)
-        _at_least(self, ("prefetch", "decode_batch"), 0)
+        _at_least(self, ("checkpoint_every", "loader_workers", "max_steps", "threads"), 0)
+        _at_least(self, ("stop_after_epoch", "prefetch", "decode_batch"), 0)
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction}; allowed: strictly between 0 and 1")
+            raise ParameterError(
+                f"val_fraction={self.val_fraction}; allowed: strictly between 0 and 1"
+            )
         if not 0 < self.crop_scale <= 1:
-            raise ValueError(f"crop_scale={self.crop_scale}; allowed: above 0, at most 1")
+            raise ParameterError(f"crop_scale={self.crop_scale}; allowed: above 0, at most 1")
         if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}; allowed: greater than 0")
+            raise ParameterError(f"lr={self.lr}; allowed: greater than 0")
         if self.resume and not self.checkpoint_url:
-            raise ValueError("resume=True needs checkpoint_url (a folder, local or s3://)")
-        if not self.topic:  # each job its own topic: two notebooks on one cluster never mix
-            object.__setattr__(self, "topic", f"training-{uuid.uuid4().hex[:8]}")
+            raise ParameterError("resume=True needs checkpoint_url (a folder, local or s3://)")
 
     def check_placement(self, cluster: str) -> None:
         """Checkpoints must be where every rank and the notebook can reach them."""
         if not self.checkpoint_url:
-            raise ValueError(
+            raise ParameterError(
                 "checkpoint_url=''; give a folder (local, or s3:// on a remote cluster): the "
                 "notebook reads the trained model back from it"
             )
         if "://" in cluster and "://" not in self.checkpoint_url:
-            raise ValueError(
+            raise ParameterError(
                 f"cluster={cluster!r} runs on other machines: checkpoint_url="
                 f"{self.checkpoint_url!r} must be shared storage such as s3://bucket/runs/name"
             )
@@ -117,10 +163,10 @@ class InferenceConfig:
     data_format: str = "auto"  # "objects", "shards", or "auto": shards where an index exists
 
     def __post_init__(self):
-        _allowed("images", self.images, IMAGE_SETS)
-        _allowed("data_format", self.data_format, DATA_FORMATS)
+        allowed("images", self.images, IMAGE_SETS)
+        allowed("data_format", self.data_format, FORMATS)
         _at_least(self, ("max_images", "keys_per_task"), 1)
         if not self.checkpoint_url:
-            raise ValueError(
+            raise ParameterError(
                 "checkpoint_url=''; give the folder notebook 04 wrote checkpoint.pt to"
             )

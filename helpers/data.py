@@ -1,14 +1,16 @@
-"""The Stanford Dogs layout, its manifest (the cached listing), its splits, and the loader.
+"""The dataset a notebook trains on: where it is stored, how it is laid out, how it splits.
 
-Layout, as in the official ``images.tar``::
+Where: :func:`connect` turns the notebooks' ``s3_endpoint`` parameter into storage options (the
+embedded server, AWS, or any S3-compatible endpoint). Layout, as in the official ``images.tar``::
 
     <prefix>/Images/n02085620-Chihuahua/n02085620_10074.jpg   # folder = class = wnid-breed
     <prefix>/train_list.mat, <prefix>/test_list.mat           # optional: the official split
     <prefix>/manifest.json                                    # the cached listing (ours)
 
 A dataset is listed once into ``manifest.json``; every rank and loader process reads that one
-object and computes the same split from it. The datasets themselves live in ``helpers.objects``
-(one object per image) and ``helpers.shards`` (tar shards).
+object and computes the same split from it (:func:`split`). :func:`dataset` is the lazy
+per-object dataset over some of its keys (:mod:`helpers.loading.objects`); the training loaders
+and the shards (:mod:`helpers.shards`) are given the manifest and the split.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from helpers import storage
+from helpers.errors import ParameterError, StorageError
+from helpers.loading.objects import S3ImageDataset
+from helpers.loading.transforms import eval_transform, train_transform
+from helpers.s3 import server, storage
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
-    import multiprocessing.context
-
-    import torch
-    from torch.utils.data import DataLoader, Dataset, Sampler
+    import os
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,12 @@ class Manifest:
         return [breed(c) for c in self.classes]
 
     def label(self, key: str) -> int:
-        return self.classes.index(class_folder(key))
+        """The class index of ``key``: its folder's place among :attr:`classes`."""
+        return self._class_index[class_folder(key)]
+
+    @cached_property
+    def _class_index(self) -> dict[str, int]:  # a dict once, not a list search per key
+        return {c: i for i, c in enumerate(self.classes)}
 
     def to_json(self) -> str:
         return json.dumps({"keys": self.keys, "official": self.official}, indent=0)
@@ -79,7 +87,7 @@ def list_images(url: str, options: dict | None = None) -> Manifest:
         if p.lower().endswith(IMAGE_SUFFIXES)
     )
     if not keys:
-        raise storage.StorageError(f"no images under {storage.describe(images, options)}")
+        raise StorageError(f"no images under {storage.describe(images, options)}")
     return make_manifest(url, keys, _official_split(url, options))
 
 
@@ -97,13 +105,12 @@ def load_manifest(url: str, options: dict | None = None, refresh: bool = False) 
     fs = storage.filesystem(url, options)
     path = storage.split_url(storage.join(url, MANIFEST))[1]
     if not refresh:
-        try:
-            doc = json.loads(fs.cat_file(path))
-            return make_manifest(url, doc["keys"], doc.get("official", {}))
-        except FileNotFoundError:
-            pass
-        except Exception as err:  # noqa: BLE001
-            raise storage.StorageError(storage.explain(err, url, options)) from err
+        with storage.explained(url, options):
+            try:
+                doc = json.loads(fs.cat_file(path))
+                return make_manifest(url, doc["keys"], doc.get("official", {}))
+            except FileNotFoundError:
+                pass
     return list_images(url, options)
 
 
@@ -161,7 +168,7 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
     rank and whatever order the listing came back in.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}; allowed: strictly between 0 and 1")
+        raise ParameterError(f"val_fraction={val_fraction}; allowed: strictly between 0 and 1")
     present = set(manifest.keys)
     if "train" in manifest.official and "test" in manifest.official:
         train = tuple(k for k in manifest.official["train"] if k in present)
@@ -181,73 +188,60 @@ def split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Split
     return Split(tuple(sorted(train)), tuple(sorted(val)), "seeded")
 
 
-def shard(keys: Sequence[str], rank: int, world_size: int) -> tuple[str, ...]:
-    """Rank ``rank``'s share of ``keys``: disjoint across ranks, together all of them."""
-    return tuple(keys[rank::world_size])
+def archive_key(name: str, images_tar: str | os.PathLike) -> str:
+    """The key of ``images.tar``'s member ``name``: ``Images/<wnid>-<breed>/<file>``; refuses a
+    member in another layout, naming it."""
+    parts = name.lstrip("./").split("/")
+    if len(parts) != 3 or parts[0] != "Images" or "-" not in parts[1]:
+        raise ParameterError(
+            f"{images_tar}: member {name!r} is not in the Stanford Dogs layout "
+            "Images/<wnid>-<breed>/<file>.jpg"
+        )
+    return "/".join(parts)
 
 
-def collate(batch: list) -> tuple | None:
-    """``default_collate`` without the skipped samples; ``None`` when the whole batch was bad."""
-    from torch.utils.data import default_collate
+def dataset(
+    manifest: Manifest,
+    keys: Sequence[str],
+    options: dict | None,
+    image_size: int,
+    train: bool,
+    on_error: str = "skip",
+    cache_dir: str | None = None,
+) -> S3ImageDataset:
+    """The lazy dataset over ``keys`` of ``manifest`` (one GET per image, when indexed), with
+    their labels and the training or evaluation transforms at ``image_size``.
 
-    batch = [b for b in batch if b is not None]
-    return default_collate(batch) if batch else None
-
-
-# What a forkserver imports once, so that each loader process it forks has them already.
-PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "s3fs", "helpers.objects",
-           "helpers.stream", "helpers.transforms", "helpers.gpudecode"]  # fmt: skip
-
-
-def loader_context() -> multiprocessing.context.BaseContext | None:
-    """Where loader processes come from: ``None`` (the default start method), except under the
-    ``spawn`` start method, which Dask's worker processes run with. There each epoch's loader
-    processes would start a fresh interpreter and import torch (seconds each, tens of seconds
-    on a loaded machine); a forkserver, started once per worker process with :data:`PRELOAD`
-    imported, forks them in milliseconds and, unlike a plain fork, copies none of the worker's
-    threads (its event loop, gloo, s3fs)."""
-    import multiprocessing
-
-    if multiprocessing.get_start_method() != "spawn":
-        return None
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None  # Windows: spawn is all there is
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int = 2,
-    shuffle: bool = False,
-    sampler: Sampler | None = None,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-    generator: torch.Generator | None = None,
-    persistent: bool = True,
-) -> DataLoader:
-    """A DataLoader with worker processes that prefetch whole batches; see :func:`collate`.
-
-    ``generator`` seeds the worker processes (their augmentations) each time an epoch starts;
-    with ``persistent=False`` they are started afresh each epoch, so a reseeded generator
-    reproduces an epoch exactly (a resumed run), at the cost of starting them (a fork from
-    :func:`loader_context`) each epoch.
+    ``cache_dir``: a local folder that keeps fetched objects (compressed, as stored), so epochs
+    after the first read local disk instead of S3; shared by every process on the host.
     """
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        generator=generator,
-        persistent_workers=persistent and num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-        multiprocessing_context=loader_context() if num_workers > 0 else None,
+    tf = train_transform(image_size) if train else eval_transform(image_size)
+    labels = [manifest.label(k) for k in keys]
+    return S3ImageDataset(
+        manifest.url, keys, labels, options, tf, on_error, draft=image_size, cache_dir=cache_dir
     )
+
+
+def connect(endpoint: str, data_dir: str | os.PathLike = ".s3data") -> dict:
+    """Storage options for the notebooks' ``s3_endpoint`` parameter.
+
+    - ``"embedded"``: reuse the server already serving ``data_dir`` (``make s3``) or start one
+      that lives as long as this process;
+    - ``""``: AWS itself, or ``AWS_ENDPOINT_URL`` when set;
+    - ``"http(s)://host:port"``: that S3-compatible endpoint.
+    """
+    import atexit
+
+    if endpoint == "embedded":
+        url = server.running_server(data_dir)
+        if url is None:
+            embedded = server.EmbeddedS3(data_dir).start()
+            atexit.register(embedded.stop)
+            return embedded.storage_options
+        return storage.storage_options(url, anon=False, **server.DUMMY_CREDENTIALS)
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ParameterError(
+            f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "
+            "AWS_ENDPOINT_URL), or an http(s):// URL"
+        )
+    return storage.storage_options(endpoint or None)

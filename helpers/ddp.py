@@ -26,9 +26,11 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from helpers import job as jobs
-from helpers import rankctl
 from helpers.cluster import check_workers
+from helpers.config import JobConfig, Rank
+from helpers.errors import Cancelled, ClusterBusy, ClusterError, Stopped
+from helpers.jobs import control as jobs
+from helpers.jobs import rankctl
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
@@ -37,21 +39,6 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
 log = logging.getLogger(__name__)
 
 LOCK = "helpers.ddp.job"  # one DDP job at a time per cluster: ranks share the workers' threads
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    worker: str
-    gpu: int = 0  # index among the GPUs this worker sees (when it has any)
-    job: str = ""  # the attempt's unique name: task keys, the stop switch, the heartbeat
-    attempt: int = 0  # 0, then 1, 2... after automatic restarts: resume from the checkpoint
-    restarts: tuple = ()  # the records of the restarts so far (cause, error, time)
 
 
 def _host(address: str) -> str:
@@ -137,15 +124,25 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
         device = device_for(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if rank.rank == 0:
-            log.info("DDP: %d ranks, backend %s, master %s:%d", rank.world_size, backend,
-                     rank.master_addr, rank.master_port)  # fmt: skip
-        dist.init_process_group(backend, store=store, rank=rank.rank, world_size=rank.world_size,
-                                timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)  # fmt: skip
+            log.info(
+                "DDP: %d ranks, backend %s, master %s:%d",
+                rank.world_size,
+                backend,
+                rank.master_addr,
+                rank.master_port,
+            )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank.rank,
+            world_size=rank.world_size,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
         try:
             return fn(*args, rank=rank, device=device, **kwargs)
-        except rankctl.Stopped:  # the job's stop switch: a plain error, the task ends cleanly
-            raise rankctl.Cancelled(f"{rank.job}: rank {rank.rank} stopped") from None
+        except Stopped:  # the job's stop switch: a plain error, the task ends cleanly
+            raise Cancelled(f"{rank.job}: rank {rank.rank} stopped") from None
         except BaseException as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"raised by DDP rank {rank.rank} on worker {rank.worker}")
@@ -167,8 +164,15 @@ def _store(rank: Rank, timeout: timedelta):
     if rank.rank == 0:
         fd = socket.create_server((rank.master_addr, rank.master_port), backlog=128).detach()
     try:
-        return dist.TCPStore(rank.master_addr, rank.master_port, rank.world_size, fd is not None,
-                             timeout, use_libuv=False, master_listen_fd=fd)  # fmt: skip
+        return dist.TCPStore(
+            rank.master_addr,
+            rank.master_port,
+            rank.world_size,
+            fd is not None,
+            timeout,
+            use_libuv=False,
+            master_listen_fd=fd,
+        )
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -194,41 +198,42 @@ def run(
     *args,
     timeout_s: float = 300.0,
     lock_timeout_s: float | None = 600.0,
-    max_restarts: int = 0,
-    hang_s: float = 0.0,
-    restart_wait_s: float = 120.0,
-    topic: str = "",
     job: jobs.Job | None = None,
     **kwargs,
 ) -> list:
     """Run ``fn(*args, rank=Rank, device=torch.device, **kwargs)`` as one DDP rank per worker.
 
-    Returns each rank's result, in rank order. ``timeout_s`` bounds every collective and the
-    rendezvous: long enough for rank 0 to upload a checkpoint while the others wait (a failing
-    rank or a dead worker is reported within seconds regardless). ``lock_timeout_s``: how long
-    to wait for another job on the same cluster. Raises the failing rank's own exception (with
-    a note naming the rank). ``hang_s``: a rank that has called :func:`helpers.rankctl.beat`
-    and then goes that long without it is hung (0: never checked). ``max_restarts``: after a
-    lost worker, a hung rank or storage that stayed away, wait (``restart_wait_s``) for as many
-    workers as before (the world size never changes), plan the ranks afresh and run ``fn``
-    again with ``rank.attempt`` one higher; each restart is a record in ``job.restarts`` and
-    on ``topic``. An interrupt (KeyboardInterrupt) stops every rank before it propagates.
+    Returns each rank's result, in rank order; raises the failing rank's own exception (with a
+    note naming the rank). ``timeout_s`` bounds every collective and the rendezvous: long enough
+    for rank 0 to upload a checkpoint while the others wait (a failing rank or a dead worker is
+    reported within seconds regardless). ``lock_timeout_s``: how long to wait for another job on
+    the same cluster. An interrupt (KeyboardInterrupt) stops every rank before it propagates.
+
+    The job's own settings come from the config among ``args`` (a :class:`JobConfig`, such as
+    :class:`~helpers.config.TrainConfig`), so the same call behaves the same anywhere:
+    ``hang_s``, a rank that has called :func:`helpers.jobs.rankctl.beat` and then goes that long
+    without it is hung (0: never checked); ``max_restarts``, after a lost worker, a hung rank or
+    storage that stayed away, wait (``restart_wait_s``) for as many workers as before (the world
+    size never changes), plan the ranks afresh and run ``fn`` again with ``rank.attempt`` one
+    higher, each restart a record in ``job.restarts`` and on ``topic``. Without such a config:
+    no restarts, no hang check.
     """
     from distributed import Lock
 
-    job = job or jobs.Job()
+    settings = next((a for a in args if isinstance(a, JobConfig)), JobConfig(hang_s=0.0))
+    name = f"ddp-{getattr(fn, '__name__', 'fn')}-{uuid.uuid4().hex[:8]}"
+    launch = _Launch(client, fn, args, kwargs, settings, timeout_s, job or jobs.Job(), name)
     check_workers(client)  # a worker that cannot run a rank fails here, in seconds
     lock = Lock(LOCK, scheduler_rpc=client.scheduler, loop=client.loop)
     if not lock.acquire(timeout=lock_timeout_s):
-        raise TimeoutError(
+        raise ClusterBusy(
             f"another DDP job held the cluster for {lock_timeout_s} s "
             "(lock_timeout_s); wait for it or cancel it"
         )
     try:
-        return _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s,
-                         restart_wait_s, topic)  # fmt: skip
+        return launch.attempts()
     except KeyboardInterrupt:
-        job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
+        launch.job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
         raise
     finally:
         if not jobs.scheduler_lost(client, ""):  # else the lock went with the scheduler
@@ -236,7 +241,7 @@ def run(
 
 
 def start(client: Client, fn: Callable, *args, **kwargs) -> jobs.Job:
-    """:func:`run` in a background thread: returns a :class:`helpers.job.Job`.
+    """:func:`run` in a background thread: returns a :class:`helpers.jobs.control.Job`.
 
     The notebook keeps drawing live plots while the job runs; ``.result()`` gives what
     :func:`run` returns (or raises its error); ``.cancel()`` stops every rank.
@@ -254,46 +259,86 @@ def start(client: Client, fn: Callable, *args, **kwargs) -> jobs.Job:
     return job
 
 
-def _attempts(client, fn, args, kwargs, job, timeout_s, max_restarts, hang_s, wait_s, topic):
-    name = f"ddp-{getattr(fn, '__name__', 'fn')}-{uuid.uuid4().hex[:8]}"
-    workers, previous = list(client.scheduler_info(n_workers=-1)["workers"]), None
-    if not workers:
-        raise RuntimeError("the Dask cluster has no workers; wait for them or scale it up")
-    for attempt in range(max_restarts + 1):
-        try:
-            return _attempt(client, fn, args, kwargs, f"{name}-a{attempt}", attempt, workers,
-                            timeout_s, hang_s, job.stop, job.restarts)  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - the cause decides: restart or raise
-            cause = jobs.restart_cause(err, previous)
-            if cause is None or attempt == max_restarts or job.stop.is_set():
-                raise
-            previous, began = err, time.monotonic()
-            if cause == "terminated":  # the worker told to stop is still going away
-                jobs.wait_for_leavers(client, wait_s)
-            workers = jobs.wait_for_workers(client, len(workers), wait_s)
-            record = {"kind": "restart", "attempt": attempt + 1, "cause": cause,
-                      "error": f"{type(err).__name__}: {err}", "time": time.time(),
-                      "waited_s": time.monotonic() - began}  # fmt: skip
-            log.warning("%s: restart %d of %d (%s): %s", name, attempt + 1, max_restarts,
-                        cause, record["error"])  # fmt: skip
-            job.restarts.append(record)
-            if topic:
-                client.log_event(topic, record)
-    raise AssertionError("unreachable")
+@dataclass
+class _Launch:
+    """One job: what each of its attempts runs (``fn`` with its arguments), with which settings,
+    and the :class:`~helpers.jobs.control.Job` that watches it."""
 
+    client: Client
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    settings: JobConfig
+    timeout_s: float
+    job: jobs.Job
+    name: str
 
-def _attempt(client, fn, args, kwargs, name, attempt, workers, timeout_s, hang_s, stop, restarts):
-    master = sorted(workers, key=lambda a: (_host(a), a))[0]
-    port = client.submit(free_port, workers=[master], pure=False).result(timeout=30)
-    ranks = [
-        replace(r, job=name, attempt=attempt, restarts=tuple(restarts))
-        for r in plan(workers, port, client.run(_visible_devices, workers=workers))
-    ]
-    client.run(rankctl.watch_sigterm, workers=workers, on_error="return")  # then checkpoint
-    futures = [
-        client.submit(_rank_main, fn, r, timeout_s, args, kwargs, key=f"{name}-rank{r.rank}",
-                      workers=[r.worker], allow_other_workers=False, pure=False, retries=0)
-        for r in ranks
-    ]  # fmt: skip
-    log.info("%s: %d ranks on %d hosts", name, len(ranks), len({_host(w) for w in workers}))
-    return jobs.supervise(client, name, ranks, futures, stop, hang_s)
+    def attempts(self) -> list:
+        """Attempts until one succeeds, or fails in a way a restart cannot fix, or none is left."""
+        client, settings = self.client, self.settings
+        workers, previous = list(client.scheduler_info(n_workers=-1)["workers"]), None
+        if not workers:
+            raise ClusterError("the Dask cluster has no workers; wait for them or scale it up")
+        for attempt in range(settings.max_restarts + 1):
+            try:
+                return self.attempt(attempt, workers)
+            except Exception as err:  # noqa: BLE001 - the cause decides: restart or raise
+                cause = jobs.restart_cause(err, previous)
+                if cause is None or attempt == settings.max_restarts or self.job.stop.is_set():
+                    raise
+                previous, began = err, time.monotonic()
+                if cause == "terminated":  # the worker told to stop is still going away
+                    jobs.wait_for_leavers(client, settings.restart_wait_s)
+                workers = jobs.wait_for_workers(client, len(workers), settings.restart_wait_s)
+                self.restarted(attempt + 1, cause, err, time.monotonic() - began)
+        raise AssertionError("unreachable")
+
+    def restarted(self, attempt: int, cause: str, err: BaseException, waited_s: float) -> None:
+        record = {
+            "kind": "restart",
+            "attempt": attempt,
+            "cause": cause,
+            "error": f"{type(err).__name__}: {err}",
+            "time": time.time(),
+            "waited_s": waited_s,
+        }
+        log.warning(
+            "%s: restart %d of %d (%s): %s",
+            self.name,
+            attempt,
+            self.settings.max_restarts,
+            cause,
+            record["error"],
+        )
+        self.job.restarts.append(record)
+        self.client.log_event(self.settings.topic, record)
+
+    def attempt(self, attempt: int, workers: list[str]) -> list:
+        """One attempt: ranks planned on ``workers``, submitted, supervised."""
+        client, name = self.client, f"{self.name}-a{attempt}"
+        master = sorted(workers, key=lambda a: (_host(a), a))[0]
+        port = client.submit(free_port, workers=[master], pure=False).result(timeout=30)
+        ranks = [
+            replace(r, job=name, attempt=attempt, restarts=tuple(self.job.restarts))
+            for r in plan(workers, port, client.run(_visible_devices, workers=workers))
+        ]
+        client.run(rankctl.watch_sigterm, workers=workers, on_error="return")  # then checkpoint
+        futures = [
+            client.submit(
+                _rank_main,
+                self.fn,
+                r,
+                self.timeout_s,
+                self.args,
+                self.kwargs,
+                key=f"{name}-rank{r.rank}",
+                workers=[r.worker],
+                allow_other_workers=False,
+                pure=False,
+                retries=0,
+            )
+            for r in ranks
+        ]
+        hosts = len({_host(w) for w in workers})
+        log.info("%s: %d ranks on %d hosts", name, len(ranks), hosts)
+        return jobs.supervise(client, name, ranks, futures, self.job.stop, self.settings.hang_s)

@@ -3,8 +3,9 @@ of keys (per-object layout) or a whole shard (one GET).
 
 The model is loaded once per worker process (not per task) and kept
 (:func:`helpers.checkpoint.cached_model`); the device is decided on the worker (its GPU if it
-has one); every image's probabilities are the softmax of its own logits. Tasks return small
-rows (key, breeds, probabilities), never tensors.
+has one); every image's probabilities are the softmax of its own logits. Shards are read by the
+training reader (:mod:`helpers.shards.read`: whole-shard GETs, retries, damaged members skipped
+and named). Tasks return small rows (key, breeds, probabilities), never tensors.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from helpers import checkpoint, data, objects, shards, storage, stream, transforms
-from helpers.progress import Callback, progress
+from helpers import checkpoint, data
+from helpers.errors import NotFound, ParameterError
+from helpers.loading.objects import S3ImageDataset
+from helpers.loading.transforms import decode_image, eval_transform
+from helpers.shards import format as shard_format
+from helpers.shards import read
+from helpers.show.progress import Callback, progress
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     from distributed import Client
@@ -34,10 +40,11 @@ def work(settings: InferenceConfig, options: dict | None, split: data.Split) -> 
     """What the tasks predict: batches of ``keys_per_task`` keys (objects), or whole shards of the
     chosen split (shards: one GET each), up to ``max_images`` images either way."""
     manifest_keys = {"val": split.val, "train": split.train, "all": split.train + split.val}
-    if stream.resolve_format(settings.data_format, settings.data_url, options) == "objects":
+    fmt = shard_format.resolve_format(settings.data_format, settings.data_url, options)
+    if fmt == "objects":
         keys = manifest_keys[settings.images][: settings.max_images]
         return batches(keys, settings.keys_per_task)
-    index = shards.read_index(settings.data_url, options)
+    index = shard_format.read_index(settings.data_url, options)
     names = {"val": ["val"], "train": ["train"], "all": ["train", "val"]}[settings.images]
     items, total = [], 0
     for entry in (e for n in names for e in index["splits"][n]["shards"]):
@@ -49,25 +56,25 @@ def work(settings: InferenceConfig, options: dict | None, split: data.Split) -> 
 
 
 def predict(
-    checkpoint_url: str,
+    settings: InferenceConfig,
     options: dict | None,
-    data_url: str,
     item: Sequence[str] | str,
     threads: int = 0,
     top: int = 5,
 ) -> list[dict]:
-    """Predict one work item under ``data_url``: a batch of keys, or a shard's name; one row
-    (with the image's original key) per readable image."""
+    """Predict one work item of ``settings``: a batch of keys, or a shard's name; one row (with
+    the image's original key) per readable image."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)  # per task: it outlives the task
-    model, state, device = checkpoint.cached_model(checkpoint_url, options)
+    model, state, device = checkpoint.cached_model(settings.checkpoint_url, options)
     classes, size = state["classes"], state["config"]["image_size"]
-    tf = transforms.eval_transform(size)
     if isinstance(item, str):
-        keys, images, labels = _shard_samples(data_url, options, item, tf, size)
+        keys, images, labels = _shard_samples(settings.data_url, options, item, classes, size)
     else:
-        ds = objects.S3ImageDataset(data_url, item, classes, options, tf, draft=size)
+        labels = [_label(k, classes) for k in item]
+        tf = eval_transform(size)
+        ds = S3ImageDataset(settings.data_url, item, labels, options, tf, draft=size)
         samples = ds.samples(list(range(len(item))))
         keys = [item[i] for i, _, _ in samples]
         images, labels = [x for _, x, _ in samples], [y for _, _, y in samples]
@@ -92,21 +99,48 @@ def predict(
     ]
 
 
-def _shard_samples(data_url: str, options: dict | None, name: str, tf, size: int) -> tuple:
-    """Keys, images and labels of one shard, read with one GET; a bad member is skipped."""
-    url = storage.join(shards.location(data_url), name)
-    blob = storage.filesystem(url, options).cat_file(storage.split_url(url)[1])
+def _label(key: str, classes: Sequence[str]) -> int:
+    """The class index of ``key`` among the checkpoint's ``classes``; a key of a class the model
+    was not trained on is an error naming both."""
+    folder = data.class_folder(key)
+    if folder not in classes:
+        raise ParameterError(
+            f"{key}: its class {folder!r} is not one of the {len(classes)} classes the "
+            "checkpoint was trained on; predict images of the dataset it trained on"
+        )
+    return list(classes).index(folder)
+
+
+def _shard_samples(url: str, options: dict | None, name: str, classes, size: int) -> tuple:
+    """Keys, images and labels of one shard, read whole by the training reader; a damaged or
+    undecodable member is skipped and named."""
+    tf = eval_transform(size)
+    stats = dict.fromkeys(("corrupt", "missing_shards", "damaged_shards"), 0)
+    where = shard_format.location(url)
+    rebuild = shard_format.rebuild_command(url)
+    parts = [(name, 0, 1 << 62)]  # the whole shard
+    raw = read.raw_samples(
+        where,
+        options,
+        parts,
+        classes=len(classes),
+        prefetch=0,
+        stats=stats,
+        warn=True,
+        rebuild=rebuild,
+    )
     keys, images, labels = [], [], []
-    for key, members in shards.read_shard(blob):
+    for key, blob, label, shard in raw:
         try:
-            image = transforms.decode_image(members["jpg"], key, draft=size)
-            label = int(members["cls"])
-        except (KeyError, ValueError) as err:
-            log.warning("skipping %s in shard %s: %s", key, url, err)
+            image = decode_image(blob, key, draft=size)
+        except ValueError as err:
+            log.warning("skipping %s in shard %s: %s", key, shard, err)
             continue
-        keys.append(key + ".jpg")
+        keys.append(key)
         images.append(tf(image))
         labels.append(label)
+    if stats["missing_shards"]:
+        raise NotFound(f"shard {name} is missing from {where}; rebuild the shards with: {rebuild}")
     return keys, images, labels
 
 
@@ -118,9 +152,8 @@ def batches(keys: Sequence[str], size: int) -> list[list[str]]:
 
 def predict_on_cluster(
     client: Client,
-    checkpoint_url: str,
+    settings: InferenceConfig,
     options: dict | None,
-    data_url: str,
     items: list,
     callback: Callback | None = None,
 ) -> list[dict]:
@@ -130,8 +163,7 @@ def predict_on_cluster(
     from distributed import as_completed
 
     futures = [
-        client.submit(predict, checkpoint_url, options, data_url, item, threads=1, pure=False)
-        for item in items
+        client.submit(predict, settings, options, item, threads=1, pure=False) for item in items
     ]
     with progress(len(futures), "inference", callback, unit="task") as bar:
         for _ in as_completed(futures):  # a failed batch raises below, in gather, with its error
@@ -140,9 +172,8 @@ def predict_on_cluster(
 
 
 def predict_locally(
-    checkpoint_url: str,
+    settings: InferenceConfig,
     options: dict | None,
-    data_url: str,
     items: list,
     threads: int = 0,
     callback: Callback | None = None,
@@ -154,15 +185,13 @@ def predict_locally(
     return [
         row
         for item in progress(items, "inference (local)", callback, unit="task")
-        for row in predict(checkpoint_url, options, data_url, item, threads=threads)
+        for row in predict(settings, options, item, threads=threads)
     ]
 
 
-def warm(
-    checkpoint_url: str, options: dict | None, data_url: str, item: Sequence[str] | str
-) -> str:
+def warm(settings: InferenceConfig, options: dict | None, item: Sequence[str] | str) -> str:
     """Get this process ready (``client.run`` it on every worker): load the model and predict
     one work item, so first-call costs (imports, connections, kernel plans) are paid before
     timing. Returns the device."""
-    predict(checkpoint_url, options, data_url, item, threads=1)
-    return str(checkpoint.cached_model(checkpoint_url, options)[2])
+    predict(settings, options, item, threads=1)
+    return str(checkpoint.cached_model(settings.checkpoint_url, options)[2])

@@ -7,15 +7,25 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from helpers import data, objects
+from helpers import data
+from helpers.config import Rank
+from helpers.loading.loaders import make_loaders
+from helpers.loading.objects import S3ImageDataset
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import pandas as pd
 
     from helpers.config import TrainConfig
 
-STATS_DTYPES = {"key": str, "breed": str, "width": "int64", "height": "int64",
-                "red": "float32", "green": "float32", "blue": "float32"}  # fmt: skip
+STATS_DTYPES = {
+    "key": str,
+    "breed": str,
+    "width": "int64",
+    "height": "int64",
+    "red": "float32",
+    "green": "float32",
+    "blue": "float32",
+}
 
 
 def image_stats(url: str, keys: Sequence[str], options: dict | None = None) -> pd.DataFrame:
@@ -27,7 +37,7 @@ def image_stats(url: str, keys: Sequence[str], options: dict | None = None) -> p
     import numpy as np
     import pandas as pd
 
-    ds = objects.S3ImageDataset(url, keys, [], options)  # cache-free, one concurrent round
+    ds = S3ImageDataset(url, keys, None, options)  # no labels needed: one concurrent round
     rows = []
     for i, img, _ in ds.samples(list(range(len(keys)))):  # bad images are skipped and logged
         r, g, b = np.asarray(img.reduce(4), dtype="float32").reshape(-1, 3).mean(0) / 255
@@ -37,29 +47,32 @@ def image_stats(url: str, keys: Sequence[str], options: dict | None = None) -> p
 
 
 def time_loader(loader: Iterable, max_batches: int | None = None) -> dict:
-    """Iterate a loader and measure it: images, seconds, img/s (first batch included)."""
-    n, start = 0, time.perf_counter()
+    """Iterate a loader and measure it: images, batches, seconds, img/s (first batch included)."""
+    n, batches, start = 0, 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if batch is not None:
-            n += len(batch[1])
+            n, batches = n + len(batch[1]), batches + 1
         if max_batches is not None and i + 1 >= max_batches:
             break
     seconds = time.perf_counter() - start
-    return {"images": n, "seconds": round(seconds, 2), "img_per_s": round(n / seconds, 1)}
+    return {
+        "images": n,
+        "batches": batches,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(n / seconds, 1),
+    }
 
 
 def training_loader(cfg: TrainConfig, options: dict | None) -> Iterable:
-    """One rank's training loader for ``cfg`` (its ``data_format``), as training builds it,
+    """One rank's training batches for ``cfg`` (its ``data_format``), as training builds them,
     started at epoch 1: for measuring a data path outside a DDP job."""
     import torch
 
-    from helpers.ddp import Rank
-    from helpers.loaders import make_loaders, start_epoch
-
-    alone = Rank(0, 1, 0, 1, "127.0.0.1", 0, "this process")
-    _, loader, _ = make_loaders(cfg, options, alone, torch.device("cpu"))
-    start_epoch(loader, 1, cfg, alone)
-    return loader
+    manifest = data.load_manifest(cfg.data_url, options)
+    split = data.split(manifest, cfg.val_fraction, cfg.seed)
+    train, _ = make_loaders(cfg, options, manifest, split, Rank.alone(), torch.device("cpu"))
+    train.start_epoch(1)
+    return train
 
 
 def loader_throughput(
@@ -84,7 +97,7 @@ def compare_formats(cfg: TrainConfig, options: dict | None) -> pd.DataFrame:
 
     import pandas as pd
 
-    from helpers.s3proxy import S3Proxy
+    from helpers.s3.proxy import S3Proxy
 
     endpoint = (options or {}).get("endpoint_url") or ""
     proxy = S3Proxy(endpoint).start() if endpoint.startswith("http://") else None

@@ -1,9 +1,10 @@
 """Training metrics from the workers to the notebook, outside the training loop.
 
-Workers :func:`publish` small dict records through Dask's event API (``log_event``, about 2 ms,
-no extra service). The notebook's :class:`Monitor` subscribes to the topic, keeps every record,
-turns them into a DataFrame, and redraws live plots while a job runs: a subscribe handler's
-``print`` never reaches a notebook cell, so the handler only collects and the cell redraws.
+Workers publish small dict records through Dask's event API (``log_event``, about 2 ms, no extra
+service; :func:`helpers.loop.meter.publish`). The notebook's :class:`Monitor` subscribes to the
+topic, keeps every record, turns them into a DataFrame, and redraws live plots while a job runs:
+a subscribe handler's ``print`` never reaches a notebook cell, so the handler only collects and
+the cell redraws.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from helpers.show.lines import epoch_line, progress_line, restart_line
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     from concurrent.futures import Future
@@ -21,47 +23,6 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
-
-def publish(topic: str, record: dict) -> None:
-    """Send ``record`` to every client subscribed to ``topic`` (no-op outside a Dask worker)."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return
-    worker.log_event(topic, record)
-
-
-def progress_line(r: dict, elapsed: float | None = None) -> str:
-    """``epoch 1 [40/200] loss 1.23 acc 61.2% img/s 812 data 3% eta 0:01:10`` (no eta without
-    ``elapsed``)."""
-    line = (
-        f"epoch {r['epoch']} [{r['step']}/{r['steps']}] loss {r['loss']:.3f} "
-        f"acc {100 * r['acc']:.1f}% img/s {r['img_per_s']:.0f} data {100 * r['data_wait']:.0f}%"
-    )
-    if elapsed is None:
-        return line
-    eta = elapsed / r["step"] * (r["steps"] - r["step"])
-    return f"{line} eta {timedelta(seconds=round(eta))}"
-
-
-def epoch_line(r: dict) -> str:
-    return (
-        f"epoch {r['epoch']} done: train loss {r['train_loss']:.3f} "
-        f"val loss {r['val_loss']:.3f} top-1 {100 * r['val_top1']:.1f}% "
-        f"top-5 {100 * r['val_top5']:.1f}% img/s {r['train_img_per_s']:.0f} "
-        f"in {r['epoch_s']:.0f} s"
-    )
-
-
-def restart_line(r: dict, width: int = 140) -> str:
-    """``restart 1 (worker lost) at epoch 0.50: WorkerLost: DDP rank 1: its worker tcp://...``
-    (``at`` where :meth:`Monitor.restarts` puts it; cut to ``width`` characters)."""
-    where = f" at epoch {r['at']:.2f}" if "at" in r else ""
-    line = f"restart {r['attempt']} ({r['cause']}){where}: {r['error']}"
-    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def gpu_stats() -> list[dict]:
@@ -143,7 +104,7 @@ class Monitor:
         """Redraw ``draw(monitor)`` (it returns Axes) in the cell's output until ``job`` is done:
         when records came (checked every ``refresh_s``), once per epoch's end however fast.
 
-        ``job`` is a :class:`helpers.job.Job` (:func:`helpers.ddp.start`) or a
+        ``job`` is a :class:`helpers.jobs.control.Job` (:func:`helpers.ddp.start`) or a
         ``concurrent.futures.Future``; returns its result, raising its error. Interrupting the
         cell (Jupyter's stop button: KeyboardInterrupt) cancels the job: every rank stops and
         the cluster is free again within seconds.

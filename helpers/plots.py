@@ -100,7 +100,7 @@ def training_curves(
 def live_training(monitor: Monitor, axes: Any = None) -> Any:
     """What :meth:`helpers.monitor.Monitor.follow` redraws: curves, the latest line, and each
     automatic restart (a red line and its cause); returns the Axes."""
-    from helpers.monitor import restart_line
+    from helpers.show.lines import restart_line
 
     axes = training_curves(monitor.frame("step"), monitor.frame("epoch"), axes)
     restarts = monitor.restarts()

@@ -1,10 +1,13 @@
-"""Put a dataset in the Stanford Dogs layout into S3 (or a local folder).
+"""Put a dataset in the Stanford Dogs layout into S3 (or a local folder), and its shards.
 
 Two sources, one layout (``<prefix>/Images/<wnid>-<breed>/<wnid>_<n>.jpg``):
 
 - ``synthetic``: seeded, generated "dogs" with real Stanford folder names, each breed one big
-  silhouette (``helpers.synthetic``: a colour histogram guesses them at chance);
+  silhouette (:mod:`helpers.loading.synthetic`: a colour histogram guesses them at chance);
 - ``archive``: the official ``images.tar`` (and ``lists.tar``) from a local path.
+
+Then tar shards of it (:func:`ensure_shards`, :mod:`helpers.shards.write`), from the objects or
+straight from the archive.
 
 Command line::
 
@@ -20,9 +23,13 @@ import logging
 import tarfile
 from pathlib import Path
 
-from helpers import data, s3server, storage
-from helpers.progress import Callback, progress
-from helpers.synthetic import STANFORD_CLASSES, synthetic_image, synthetic_keys  # noqa: F401 - callers
+from helpers import data
+from helpers.errors import ParameterError, ShardIndexError, StorageError
+from helpers.loading.synthetic import synthetic_image, synthetic_keys
+from helpers.s3 import storage
+from helpers.shards import format as shard_format
+from helpers.shards import write
+from helpers.show.progress import Callback, progress
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def ensure_synthetic(
     """The dataset at ``url``: reuse what is there, generate it only if nothing is."""
     try:
         manifest = data.load_manifest(url, options)
-    except storage.StorageError as err:
+    except StorageError as err:
         if "does not exist" not in str(err) and "nothing stored" not in str(err):
             raise
         return write_synthetic(url, options, n_breeds, per_breed, seed, callback)
@@ -93,12 +100,11 @@ def _ensure_bucket(url: str, options: dict | None) -> None:
         fs.makedirs(path, exist_ok=True)
         return
     bucket = path.split("/", 1)[0]
-    try:
-        fs.ls(bucket, detail=False)
-    except FileNotFoundError:
-        fs.mkdir(bucket)
-    except Exception as err:  # noqa: BLE001
-        raise storage.StorageError(storage.explain(err, url, options)) from err
+    with storage.explained(url, options):
+        try:
+            fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            fs.mkdir(bucket)
 
 
 def upload_archive(
@@ -120,13 +126,7 @@ def upload_archive(
         for member in tar:
             if not member.isfile():
                 continue
-            parts = member.name.lstrip("./").split("/")
-            if len(parts) != 3 or parts[0] != "Images" or "-" not in parts[1]:
-                raise ValueError(
-                    f"{images_tar}: member {member.name!r} is not in the Stanford "
-                    "Dogs layout Images/<wnid>-<breed>/<file>.jpg"
-                )
-            key = "/".join(parts)
+            key = data.archive_key(member.name, images_tar)
             blobs[f"{root}/{key}"] = tar.extractfile(member).read()
             keys.append(key)
             if len(blobs) >= UPLOAD_CHUNK:
@@ -137,7 +137,7 @@ def upload_archive(
             fs.pipe(blobs)
             bar.update(len(blobs))
     if not keys:
-        raise ValueError(f"{images_tar}: no images in the archive")
+        raise ParameterError(f"{images_tar}: no images in the archive")
     official = {}
     for name, (raw, listed) in (data.official_lists(lists_tar) if lists_tar else {}).items():
         fs.pipe_file(f"{root}/{name}_list.mat", raw)
@@ -146,6 +146,104 @@ def upload_archive(
     data.write_manifest(manifest, options)
     log.info("uploaded %d images of %d breeds to %s", len(keys), len(manifest.classes), url)
     return manifest
+
+
+def ensure_shards(
+    url: str,
+    options: dict | None = None,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    write_missing: bool = True,
+) -> dict:
+    """The shard index of ``url``: the existing one when it was built from the current manifest
+    and split, else (``write_missing``) the shards written afresh from the objects (the demo's
+    "make them if missing"); without ``write_missing``, an error that says how to write them."""
+    try:
+        index = shard_format.read_index(url, options)
+        shard_format.check_index(index, data.load_manifest(url, options), val_fraction, seed)
+        return index
+    except ShardIndexError as err:
+        if not write_missing:
+            raise
+        log.info("writing the shards of %s (%s)", url, str(err).split(";")[0])
+    return write_shards(url, options, val_fraction=val_fraction, seed=seed)
+
+
+def write_shards(
+    url: str,
+    options: dict | None = None,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    shard_size: int = shard_format.DEFAULT_SHARD_SIZE,
+    manifest: data.Manifest | None = None,
+) -> dict:
+    """Shard the per-object dataset at ``url`` (its manifest, or ``manifest``); the index."""
+    manifest = manifest or data.load_manifest(url, options)
+    return write.write_shards(
+        manifest,
+        data.split(manifest, val_fraction, seed),
+        write.from_objects(url, options),
+        options,
+        val_fraction=val_fraction,
+        seed=seed,
+        shard_size=shard_size,
+    )
+
+
+def shards_from_archive(
+    images_tar: str | Path,
+    url: str,
+    options: dict | None = None,
+    *,
+    lists_tar: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    shard_size: int = shard_format.DEFAULT_SHARD_SIZE,
+    spool_dir: str | None = None,
+) -> dict:
+    """Shards (and ``manifest.json``) straight from the official ``images.tar``: no objects.
+
+    The archive is read once as a stream (gzip or a pipe are fine). It is sorted by breed and
+    shards must mix breeds, so its images are spooled to one local temporary file (the archive's
+    size on disk in ``spool_dir``, never in memory) and packed from there.
+    """
+    import tempfile
+
+    _ensure_bucket(url, options)
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        where: dict[str, tuple[int, int]] = {}
+        with tarfile.open(images_tar, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    blob = tar.extractfile(member).read()
+                    where[data.archive_key(member.name, images_tar)] = (spool.tell(), len(blob))
+                    spool.write(blob)
+        if not where:
+            raise ParameterError(f"{images_tar}: no images in the archive")
+        lists = data.official_lists(lists_tar) if lists_tar else {}
+        official = {name: keys for name, (_, keys) in lists.items()}
+        manifest = data.make_manifest(url, sorted(where), official)
+
+        def fetch(keys: list[str]) -> dict[str, bytes]:
+            out = {}
+            for k in keys:
+                spool.seek(where[k][0])
+                out[k] = spool.read(where[k][1])
+            return out
+
+        data.write_manifest(manifest, options)  # the readers check the shards against it
+        split = data.split(manifest, val_fraction, seed)
+        return write.write_shards(
+            manifest,
+            split,
+            fetch,
+            options,
+            val_fraction=val_fraction,
+            seed=seed,
+            shard_size=shard_size,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,32 +274,22 @@ def main(argv: list[str] | None = None) -> None:
     shd.add_argument("--lists", default=None, help="with --archive: the official lists.tar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = s3server.connect(args.endpoint, args.s3_dir)
+    options = data.connect(args.endpoint, args.s3_dir)
     if args.command == "shards":
-        _shards(args, options)
+        kw = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size}
+        if args.archive:
+            index = shards_from_archive(args.archive, args.url, options, lists_tar=args.lists, **kw)
+        else:
+            index = write_shards(args.url, options, **kw)
+        for name, s in index["splits"].items():
+            where = shard_format.location(args.url)
+            print(f"{where}: {name} {s['images']} images in {len(s['shards'])} shards")
         return
     if args.command == "synthetic":
         m = ensure_synthetic(args.url, options, args.breeds, args.per_breed, args.seed)
     else:
         m = upload_archive(args.images_tar, args.url, options, args.lists)
     print(f"{args.url}: {len(m.keys)} images, {len(m.classes)} breeds")
-
-
-def _shards(args, options: dict) -> None:
-    from helpers import shards, shardwrite
-
-    kw = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size}
-    if args.archive:
-        _ensure_bucket(args.url, options)
-        index = shardwrite.write_shards_from_archive(
-            args.archive, args.url, options, **kw, lists_tar=args.lists
-        )
-    else:
-        index = shardwrite.write_shards(args.url, options, **kw)
-    for name, s in index["splits"].items():
-        print(
-            f"{shards.location(args.url)}: {name} {s['images']} images in {len(s['shards'])} shards"
-        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The split follows torchvision's ``references/classification``: :func:`train_one_epoch`,
 :func:`evaluate`, and the per-rank function :func:`train_rank` that :func:`helpers.ddp.run` calls
 on every Dask worker (notebook 04 shows it line by line). Workers return small metric records,
-never the model; rank 0 writes the checkpoints.
+never the model; rank 0 writes the checkpoints. The data paths sit under it
+(:mod:`helpers.loading`: the loop receives :class:`~helpers.loading.batches.Batches`), and so
+does job control (:mod:`helpers.jobs`: the heartbeat, SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,21 +13,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from helpers import checkpoint, monitor, rankctl, storage
-from helpers.config import TrainConfig
-from helpers.loaders import batch_to_device, make_loaders, start_epoch, without_padding
-from helpers.meter import StepMeter, placeholder_batch
-from helpers.model import build_model, param_sum
-from helpers.position import position_of, seek
+from helpers import checkpoint, data
+from helpers.config import Rank, TrainConfig
+from helpers.errors import Terminated
+from helpers.jobs import rankctl
+from helpers.loading.batches import Batches
+from helpers.loading.loaders import make_loaders
+from helpers.loop.meter import StepMeter, publish
+from helpers.loop.model import build_model, param_sum
+from helpers.loop.state import TrainState
+from helpers.s3 import retry
+from helpers.show.lines import epoch_line
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
     from torch.optim.lr_scheduler import LRScheduler
-
-    from helpers.ddp import Rank
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +80,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
-    return min(cfg.max_steps, len(loader)) if cfg.max_steps else len(loader)
+def steps_per_epoch(batches: Batches, cfg: TrainConfig) -> int:
+    return min(cfg.max_steps, len(batches)) if cfg.max_steps else len(batches)
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
-    loader: Iterable,
-    criterion: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
+    trained: TrainState,
+    batches: Batches,
     device: torch.device,
     epoch: int,
     cfg: TrainConfig,
     rank: Rank,
-    scaler: torch.amp.GradScaler | None = None,
     first_step: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
@@ -97,70 +98,65 @@ def train_one_epoch(
     a record every ``log_every`` steps and calls ``on_step(steps done)`` after each."""
     import torch
 
+    model, optimizer = trained.model, trained.optimizer
     model.train()
-    retried, steps = storage.retries(), steps_per_epoch(loader, cfg)
+    retried, steps = retry.retries(), steps_per_epoch(batches, cfg)
     meter = StepMeter(device, epoch, steps, cfg, rank)
-    for step, batch in zip(range(first_step, steps), loader, strict=False):  # stop at steps
+    for step, batch in zip(range(first_step, steps), batches, strict=False):  # stop at steps
         meter.fetched()
-        empty = batch is None  # every image of the batch was unreadable (and logged)
         # Copied, or with GPU decode decoded and augmented, on the device: part of the data wait.
-        images, labels = batch_to_device(batch or placeholder_batch(cfg.image_size), loader, device)
+        images, labels, real = batches.to_device(batch, device)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         meter.waited()
         with autocast(device, cfg.amp):
             logits = model(images)
-            loss = criterion(logits, labels) * (0.0 if empty else 1.0)
+            loss = trained.criterion(logits, labels) * (1.0 if real else 0.0)  # a placeholder: 0
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        if trained.scaler is not None:
+            trained.scaler.scale(loss).backward()
+            trained.scaler.step(optimizer)
+            trained.scaler.update()
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
-        if not empty:
+        trained.scheduler.step()
+        if real:
             meter.add(step, loss, logits, labels, optimizer.param_groups[0]["lr"])
         rankctl.beat()  # the job's hang check: this rank made progress
         if on_step is not None:
             on_step(step + 1)
-    retried = storage.retries() - retried  # this pass's, by this rank and its loaders
-    decode = getattr(getattr(loader, "on_device", None), "stats", {})  # GPU decode's fallbacks
-    return meter.summary(device) | {"s3_retries": retried, "first_step": first_step,
-                                    "decode": dict(decode)}  # fmt: skip
+    retried = retry.retries() - retried  # this pass's, by this rank and its loaders
+    extra = {
+        "data_format": batches.source,
+        "s3_retries": retried,
+        "first_step": first_step,
+        "decode": batches.stats,
+    }
+    return meter.summary(device) | extra
 
 
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable,
-    criterion: torch.nn.Module,
-    device: torch.device,
-    cfg: TrainConfig,
-) -> dict:
+def evaluate(trained: TrainState, batches: Batches, device: torch.device, cfg: TrainConfig) -> dict:
     """Loss, top-1 and top-5 over this rank's validation slice, summed across all ranks; and
     this rank's storage retries meanwhile (``val_s3_retries``)."""
     import torch
     import torch.distributed as dist
 
-    retried = storage.retries()
-
+    retried = retry.retries()
     # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
     # that ranks with different numbers of validation batches (or none) would never match.
-    model = getattr(model, "module", model).eval()
+    model = trained.module.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     with torch.inference_mode(), autocast(device, cfg.amp):
-        for batch in loader:
+        for batch in batches:
             rankctl.beat()
-            if batch is None:
-                continue
-            images, labels = batch_to_device(without_padding(batch), loader, device)
-            if not len(labels):
+            images, labels, real = batches.to_device(batch, device)
+            if not real:  # nothing readable, or only the padding that evens out the ranks
                 continue
             logits = model(images).float()
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             n = torch.tensor(len(labels), device=device)
-            loss = criterion(logits, labels) * len(labels)
+            loss = trained.criterion(logits, labels) * len(labels)
             totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), n]).to(totals.dtype)
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -170,7 +166,7 @@ def evaluate(
         "val_top1": top1 / max(n, 1),
         "val_top5": top5 / max(n, 1),
         "val_images": int(n),
-        "val_s3_retries": storage.retries() - retried,
+        "val_s3_retries": retry.retries() - retried,
     }
 
 
@@ -190,37 +186,46 @@ class Saver:
     """Rank 0's checkpoints: every ``checkpoint_every`` steps (with the data position) and at
     each epoch's end (with the epoch's record). Other ranks' calls do nothing."""
 
-    def __init__(self, cfg: TrainConfig, options: dict | None, rank: Rank, parts: tuple,
-                 classes: Sequence[str], loader: Iterable) -> None:  # fmt: skip
-        self.cfg, self.options, self.rank, self.loader = cfg, options, rank, loader
-        self.parts, self.classes, self.epoch = parts, list(classes), 1  # model, opt, sched, scaler
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        options: dict | None,
+        rank: Rank,
+        trained: TrainState,
+        classes: Sequence[str],
+        batches: Batches,
+    ) -> None:
+        self.cfg, self.options, self.rank, self.batches = cfg, options, rank, batches
+        self.trained, self.classes, self.epoch = trained, list(classes), 1
 
     def _save(self, done: int, step: int, position: dict | None, record: dict) -> None:
-        model, optimizer, scheduler, scaler = self.parts
-        state = checkpoint.state_of(self.cfg, model, optimizer, scheduler, done, self.classes,
-                                    record, scaler, step, position)  # fmt: skip
+        state = checkpoint.state_of(
+            self.cfg, self.trained, done, self.classes, record, step, position
+        )
         checkpoint.save(self.cfg.checkpoint_url, self.options, state, self.cfg.keep_checkpoints)
 
     def step(self, done: int) -> None:
         """After ``done`` steps of the current epoch; if any rank's worker was told to stop
-        (SIGTERM), a checkpoint now, then :class:`helpers.rankctl.Terminated` on every rank."""
+        (SIGTERM), a checkpoint now, then :class:`~helpers.errors.Terminated` on every rank."""
         every, leaving = self.cfg.checkpoint_every, _any_rank(rankctl.stop_requested())
         due = leaving or (every and done % every == 0)
         if self.rank.rank == 0 and self.cfg.checkpoint_url and due:
-            self._save(self.epoch - 1, done, position_of(self.loader, done), {})
+            self._save(self.epoch - 1, done, self.batches.position(done), {})
             rankctl.beat()  # an upload is progress too
         if leaving:  # wait for rank 0's checkpoint (an all-reduce is a barrier): a rank that
             _any_rank(False)  # reported first could start the restart before it was written
-            raise rankctl.Terminated(f"a worker was told to stop (SIGTERM) at epoch "
-                                     f"{self.epoch} step {done}; checkpointed")  # fmt: skip
+            raise Terminated(
+                f"a worker was told to stop (SIGTERM) at epoch {self.epoch} step {done}; "
+                "checkpointed"
+            )
 
     def epoch_end(self, record: dict) -> None:
         """The epoch's checkpoint (when asked for) and its record."""
         if self.rank.rank == 0 and self.cfg.checkpoint_url:
             self._save(record["epoch"], 0, None, record)
         if self.rank.rank == 0:
-            monitor.publish(self.cfg.topic, record)
-            log.info(monitor.epoch_line(record))
+            publish(self.cfg.topic, record)
+            log.info(epoch_line(record))
 
 
 def train_rank(
@@ -233,11 +238,13 @@ def train_rank(
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // rank.local_world_size))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
-    # 1. The same split on every rank; a DistributedSampler deals each rank a disjoint share.
-    classes, train_loader, val_loader = make_loaders(cfg, options, rank, device)
+    # 1. The same split on every rank, from one manifest; each rank reads a disjoint share.
+    manifest = data.load_manifest(cfg.data_url, options)
+    split = data.split(manifest, cfg.val_fraction, cfg.seed)
+    train_batches, val_batches = make_loaders(cfg, options, manifest, split, rank, device)
 
     # 2. A model from scratch, wrapped in DDP: backward() averages the gradients of all ranks.
-    model = to_device(build_model(cfg.arch, len(classes)), device)
+    model = to_device(build_model(cfg.arch, len(manifest.classes)), device)
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 3. The learning rate scales with the global batch: ranks x batch_size images per step.
@@ -245,28 +252,28 @@ def train_rank(
     optimizer = torch.optim.SGD(
         model.parameters(), lr, cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(train_loader, cfg))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler = grad_scaler(device, cfg.amp)  # fp16 only
+    trained = TrainState(
+        model,
+        torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        optimizer,
+        make_scheduler(optimizer, cfg, steps_per_epoch(train_batches, cfg)),
+        grad_scaler(device, cfg.amp),  # fp16 only
+    )
 
     # 4. Resume: every rank loads the same checkpoint, so all continue in step; after an
     #    automatic restart (rank.attempt > 0), from this job's latest, possibly mid-epoch.
     first, step, position = 1, 0, None
     if cfg.resume or rank.attempt:
-        first, step, position = checkpoint.resume(
-            cfg, options, model.module, optimizer, scheduler, scaler, restart=rank.attempt > 0
-        )
-    saver = Saver(cfg, options, rank, (model.module, optimizer, scheduler, scaler), classes,
-                  train_loader)  # fmt: skip
+        first, step, position = checkpoint.resume(cfg, options, trained, rank.attempt > 0)
+    saver = Saver(cfg, options, rank, trained, manifest.classes, train_batches)
 
     history = list(rank.restarts)  # a record per automatic restart, then one per epoch
     for epoch in range(first, (cfg.stop_after_epoch or cfg.epochs) + 1):
-        start_epoch(train_loader, epoch, cfg, rank)  # sampler.set_epoch: a new shuffle, same on all
-        seek(train_loader, step, position, cfg.batch_size)  # mid-epoch resume: skip what was seen
+        train_batches.start_epoch(epoch)  # a new shuffle, the same on every rank
+        train_batches.seek(step, position)  # a mid-epoch resume skips what was seen
         saver.epoch = epoch
-        record = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
-                                 epoch, cfg, rank, scaler, step, saver.step)  # fmt: skip
-        record |= evaluate(model, val_loader, criterion, device, cfg)  # summed over all ranks
+        record = train_one_epoch(trained, train_batches, device, epoch, cfg, rank, step, saver.step)
+        record |= evaluate(trained, val_batches, device, cfg)  # summed over all ranks
         record["param_sum"] = param_sum(model)  # the same on every rank: DDP keeps them in step
         saver.epoch_end(record)  # rank 0 writes the checkpoint: one writer
         history.append(record)

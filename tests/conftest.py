@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from helpers import prepare, s3server
+from helpers import prepare
+from helpers.s3 import server as s3server
 
 TINY = {"n_breeds": 4, "per_breed": 10}
 
@@ -50,3 +51,25 @@ def dogs(s3):
         url, s3.storage_options, TINY["n_breeds"], TINY["per_breed"], seed=0
     )
     return url, s3.storage_options, manifest
+
+
+_DURATIONS: list[tuple[str, str, float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    _DURATIONS.append((report.nodeid, report.when, report.duration, report.outcome))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every run's durations, slowest first, in build/test-durations.csv: where the suite's time
+    goes (the full suite must stay under CI's 20 minutes, ``make check`` under 3)."""
+    import csv
+    from pathlib import Path
+
+    out = Path(session.config.rootpath) / "build" / "test-durations.csv"
+    out.parent.mkdir(exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["test", "phase", "seconds", "outcome"])
+        for row in sorted(_DURATIONS, key=lambda r: -r[2]):
+            writer.writerow([row[0], row[1], f"{row[2]:.2f}", row[3]])

@@ -8,7 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import baseline, prepare, transforms
+from helpers import baseline, data
+from helpers.config import Rank, TrainConfig
+from helpers.loading import loaders, transforms
+from helpers.loading.synthetic import synthetic_image
+from helpers.loading.transforms import shuffle_pixels
 
 N_CLASSES, PER_CLASS, SIZE = 10, 20, 64
 
@@ -28,7 +32,7 @@ def shapes():
     images, labels = [], []
     for label in range(N_CLASSES):
         for i in range(PER_CLASS):
-            blob = prepare.synthetic_image(label, N_CLASSES, np.random.default_rng([0, label, i]))
+            blob = synthetic_image(label, N_CLASSES, np.random.default_rng([0, label, i]))
             images.append(tf(Image.open(io.BytesIO(blob)).convert("RGB")))
             labels.append(label)
     return _split(images, labels)
@@ -69,9 +73,9 @@ def test_shuffled_pixels_keep_the_colours_so_the_baseline_does_not_move(shapes):
     train_x, train_y, val_x, val_y = shapes
     g = torch.Generator().manual_seed(0)
     shuffled = (
-        baseline.shuffle_pixels(train_x, g),
+        shuffle_pixels(train_x, g),
         train_y,
-        baseline.shuffle_pixels(val_x, g),
+        shuffle_pixels(val_x, g),
         val_y,
     )
     assert baseline.colour_baseline(*shuffled) == baseline.colour_baseline(*shapes)
@@ -79,16 +83,16 @@ def test_shuffled_pixels_keep_the_colours_so_the_baseline_does_not_move(shapes):
 
 def test_shuffle_pixels_keeps_each_histogram_and_destroys_the_layout():
     x = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8)  # a gradient per image
-    out = baseline.shuffle_pixels(x, torch.Generator().manual_seed(0))
+    out = shuffle_pixels(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     for before, after in zip(x, out, strict=True):
         pixels = before.flatten(1).T.tolist()  # (r, g, b) tuples: the joint histogram, exactly
         assert sorted(after.flatten(1).T.tolist()) == sorted(pixels)
         assert not torch.equal(before, after)
     assert not torch.equal(out[0] - x[0], out[1] - x[1])  # a permutation per image
-    single = baseline.shuffle_pixels(x[0], torch.Generator().manual_seed(1))
+    single = shuffle_pixels(x[0], torch.Generator().manual_seed(1))
     assert single.shape == (3, 8, 8)
-    again = baseline.shuffle_pixels(x[0], torch.Generator().manual_seed(1))
+    again = shuffle_pixels(x[0], torch.Generator().manual_seed(1))
     assert torch.equal(single, again)
 
 
@@ -109,17 +113,14 @@ def test_chance_reports_uniform_and_majority_share():
 
 
 def test_the_control_run_shuffles_the_pixels_it_validates_on(dogs):
-    from helpers import loaders
-    from helpers.config import TrainConfig
-    from helpers.ddp import Rank
-
-    url, options, _ = dogs  # conftest's: on the embedded S3 server
-    alone = Rank(0, 1, 0, 1, "127.0.0.1", 0, "this process")
+    url, options, manifest = dogs  # conftest's: on the embedded S3 server
+    split, cpu = data.split(manifest), torch.device("cpu")
     firsts = []
     for control in (False, True):
-        cfg = TrainConfig(url, image_size=32, loader_workers=0, data_format="objects",
-                          shuffle_pixels=control)  # fmt: skip
-        _, _, val = loaders.make_loaders(cfg, options, alone, torch.device("cpu"))
+        cfg = TrainConfig(
+            url, image_size=32, loader_workers=0, data_format="objects", shuffle_pixels=control
+        )
+        _, val = loaders.make_loaders(cfg, options, manifest, split, Rank.alone(), cpu)
         firsts.append(next(iter(val))[0][0])
     plain, shuffled = firsts
     assert sorted(shuffled.flatten(1).T.tolist()) == sorted(plain.flatten(1).T.tolist())

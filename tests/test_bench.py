@@ -24,7 +24,7 @@ def _load(name):
     return importlib.import_module(f"bench.{name}")
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_loading_benchmark_records_every_contender_and_its_ratios_move(tmp_path):
     bench = _load("bench_loading")
     rec = bench.run("photos", **TINY, out=str(tmp_path))
@@ -69,7 +69,7 @@ def test_readme_table_is_built_from_the_newest_record_of_each_benchmark(tmp_path
     assert record.report(readme, tmp_path / "results", check=True)
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_gpu_route_benchmark_runs_on_cpu_too(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
@@ -100,7 +100,7 @@ def test_gpu_route_benchmark_runs_on_cpu_too(tmp_path):
     assert all("CUDA" in why for why in rec["results"]["skipped"].values())
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_gpu_route_stops_within_its_budget_and_marks_the_rest_not_run(tmp_path):
     bench = _load("bench_gpu")
     rec = bench.run(str(tmp_path), budget_s=0.01)  # spent by the setup: only the first pass runs
@@ -111,7 +111,7 @@ def test_gpu_route_stops_within_its_budget_and_marks_the_rest_not_run(tmp_path):
     assert status["shards/gpu (1, 2, 0)"] == ("skipped", "decode='gpu' needs CUDA")
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_ddp_benchmark_compares_both_launchers():
     bench = _load("bench_ddp")
     result = bench.run(steps=2, warmup=1, repeats=1)

@@ -30,7 +30,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import s3server
+from helpers.s3 import server as s3server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -92,20 +92,30 @@ def lab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     port, token = s3server.free_ports(1)[0], secrets.token_hex(16)
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser",
-           f"--config={REPO / 'jupyter' / 'jupyter_server_config.py'}",
-           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}",
-           f"--LabApp.user_settings_dir={tmp / 'settings'}",
-           f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
-           "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run commands, read models
-           *(["--allow-root"] if ROOT else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        f"--config={REPO / 'jupyter' / 'jupyter_server_config.py'}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={REPO}",
+        f"--LabApp.user_settings_dir={tmp / 'settings'}",
+        f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run commands, read models
+        *(["--allow-root"] if ROOT else []),
+    ]
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config")}  # not the user's settings
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("DASK_DL_PROGRESS", None)  # the kernels show what a reader sees: notebook bars
     log = open(tmp / "jupyter.log", "wb")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with _timed("server start"):
@@ -124,8 +134,9 @@ def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
     """Shut the kernels down first (their clusters close), then the server and its group."""
     with contextlib.suppress(Exception):
         for k in json.loads(urllib.request.urlopen(f"{base}/api/kernels?token={token}").read()):
-            req = urllib.request.Request(f"{base}/api/kernels/{k['id']}?token={token}",
-                                         method="DELETE")  # fmt: skip
+            req = urllib.request.Request(
+                f"{base}/api/kernels/{k['id']}?token={token}", method="DELETE"
+            )
             urllib.request.urlopen(req, timeout=30)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -146,10 +157,19 @@ def driver(browser_paths, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-dev-shm-usage", "--window-size=1500,1000",
-                f"--user-data-dir={tmp / 'profile'}"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,1000",
+        f"--user-data-dir={tmp / 'profile'}",
+    ):
         options.add_argument(arg)
     service = Service(chromedriver, log_output=str(tmp / "chromedriver.log"))
     browser = webdriver.Chrome(options=options, service=service)
@@ -287,11 +307,15 @@ def _markdown_images(driver) -> list[list]:
 def _images_loaded(driver, path: str) -> int:
     """Every image the notebook's markdown references has loaded (natural width > 0)."""
     wanted = len(_referenced_images(REPO / path))
-    images = _wait_for(
-        lambda: (imgs := _markdown_images(driver)) and all(w > 0 for _, w in imgs) and imgs,
-        30,
-        what="the markdown images to load",
-    ) if wanted else _markdown_images(driver)  # fmt: skip
+    images = (
+        _wait_for(
+            lambda: (imgs := _markdown_images(driver)) and all(w > 0 for _, w in imgs) and imgs,
+            30,
+            what="the markdown images to load",
+        )
+        if wanted
+        else _markdown_images(driver)
+    )
     assert len(images) == wanted, (images, wanted)
     return wanted
 
@@ -318,8 +342,9 @@ def _copy_with_parameters(src: Path, dest: Path, values: dict) -> None:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     for name, value in values.items():
         line = re.compile(rf"^({name}: \w+ = ).*?(\s+#.*)?$", re.M)
-        cell.source, n = line.subn(lambda m, v=value: f"{m.group(1)}{v!r}{m.group(2) or ''}",
-                                   cell.source)  # fmt: skip
+        cell.source, n = line.subn(
+            lambda m, v=value: f"{m.group(1)}{v!r}{m.group(2) or ''}", cell.source
+        )
         assert n == 1, f"{src.name} has no parameter {name}"
     nbformat.write(nb, dest)
 
@@ -455,9 +480,12 @@ def test_notebook_04_live_plot_changes_and_images_load(
         assert time.monotonic() - started < 420, "notebook 04's training cell did not finish"
         seen = _js(driver, "return window.livePictures.length;")
         if shots < min(seen, 2):  # for a person: the plot while it is being redrawn
-            _js(driver, "const img = nb.content.widgets[arguments[0]].node.querySelector("
+            _js(
+                driver,
+                "const img = nb.content.widgets[arguments[0]].node.querySelector("
                 "'.jp-OutputArea-output img'); if (img) img.scrollIntoView({block: 'center'});",
-                train_cell)  # fmt: skip
+                train_cell,
+            )
             shots += 1
             _shot(driver, f"04-live-{shots}")
         time.sleep(0.3)
@@ -485,8 +513,13 @@ def test_notebook_04_live_plot_changes_and_images_load(
 
 
 def test_stop_button_cancels_the_training_job(driver, lab, s3_dir, notebook_copy, tmp_path):
-    values = {**SMALL_04, "epochs": 100, "max_steps": 0, "s3_data_dir": str(s3_dir),
-              "checkpoint_url": str(tmp_path / "ckpt")}  # fmt: skip
+    values = {
+        **SMALL_04,
+        "epochs": 100,
+        "max_steps": 0,
+        "s3_data_dir": str(s3_dir),
+        "checkpoint_url": str(tmp_path / "ckpt"),
+    }
     path = notebook_copy("04", values)
     train_cell = _cell_index(REPO / path, "watch.follow(")
     _open(driver, lab, path)

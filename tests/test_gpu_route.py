@@ -44,6 +44,6 @@ def test_carried_wheels_are_the_versions_the_project_pins():
 
 
 def test_the_gpu_tests_run_on_the_runner_and_what_travels_fits():
-    assert "tests/test_gpudecode.py" in gpu_env.gpu_tests()
+    assert "tests/loading/test_gpudecode.py" in gpu_env.gpu_tests()
     repo, _ = gpu_env.travel_bytes()
     assert repo / 2**20 + gpu_env.CARRIED_MIB <= gpu_env.BUDGET_MIB

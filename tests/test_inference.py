@@ -5,10 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import checkpoint, inference, objects, transforms
+from helpers import checkpoint, data, inference, prepare
 from helpers.cluster import make_client
-from helpers.config import TrainConfig
-from helpers.model import build_model
+from helpers.config import InferenceConfig, TrainConfig
+from helpers.errors import CheckpointError, NotFound
+from helpers.loop.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,16 @@ def saved(dogs, tmp_path_factory):
     return folder
 
 
+def _settings(url, folder):
+    return InferenceConfig(data_url=url, checkpoint_url=folder)
+
+
 def test_probabilities_are_each_images_own_softmax(dogs, saved):
     url, options, manifest = dogs
     keys = list(manifest.keys[::5])
-    rows = inference.predict(saved, options, url, keys)
+    rows = inference.predict(_settings(url, saved), options, keys)
     model, state, _ = checkpoint.cached_model(saved, options)
-    ds = objects.S3ImageDataset(
-        url, keys, state["classes"], options, transforms.eval_transform(32), draft=32
-    )
+    ds = data.dataset(manifest, keys, options, 32, train=False)
     for row, (_, x, _) in zip(rows, ds.samples(list(range(len(keys)))), strict=True):
         with torch.inference_mode():
             own = model(x[None]).float().softmax(1)[0]  # this image alone
@@ -51,20 +54,22 @@ def test_probabilities_are_each_images_own_softmax(dogs, saved):
     assert len({round(r["probability"], 6) for r in rows}) > 1  # not the first image's, copied
 
 
+@pytest.mark.slow
 def test_model_is_built_once_per_worker_for_many_tasks(dogs, saved):
     url, options, manifest = dogs
     with make_client("local", n_workers=2) as client:
-        client.run(inference.warm, saved, options, url, manifest.keys[:2])  # one build each
+        settings = _settings(url, saved)
+        client.run(inference.warm, settings, options, manifest.keys[:2])  # one build each
         assert set(client.run(inference.builds).values()) == {1}
         work = inference.batches(manifest.keys, 4)  # 10 tasks
-        rows = inference.predict_on_cluster(client, saved, options, url, work)
+        rows = inference.predict_on_cluster(client, settings, options, work)
         builds = client.run(inference.builds)
     assert len(rows) == len(manifest.keys)
     assert set(builds.values()) == {1}  # no task built its own
 
 
 def test_missing_checkpoint_names_the_url(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
+    with pytest.raises(NotFound, match=f"no checkpoint at {tmp_path}/none/checkpoint.pt"):
         checkpoint.cached_model(str(tmp_path / "none"))
 
 
@@ -75,19 +80,18 @@ def test_incompatible_checkpoint_says_what_was_expected(tmp_path, saved):
     state = checkpoint.load(saved)
     state["classes"] = state["classes"] + ["n00000000-extra"]
     checkpoint.save(str(tmp_path / "wrong"), None, state)
-    with pytest.raises(ValueError, match="does not fit a resnet18 with 5 classes"):
+    with pytest.raises(CheckpointError, match="does not fit a resnet18 with 5 classes"):
         checkpoint.cached_model(str(tmp_path / "wrong"))
 
 
 def test_predictions_from_shards_keep_the_original_keys(dogs, saved):
-    from helpers import shardwrite
-
     url, options, manifest = dogs
-    index = shardwrite.ensure_shards(url, options)
+    index = prepare.ensure_shards(url, options)
     first = index["splits"]["val"]["shards"][0]
-    rows = inference.predict(saved, options, url, first["name"])
+    settings = _settings(url, saved)
+    rows = inference.predict(settings, options, first["name"])
     assert len(rows) == first["images"] and {r["key"] for r in rows} <= set(manifest.keys)
-    by_keys = inference.predict(saved, options, url, [r["key"] for r in rows])
+    by_keys = inference.predict(settings, options, [r["key"] for r in rows])
     assert [r["probability"] for r in rows] == pytest.approx(
         [r["probability"] for r in by_keys], abs=1e-5
     )  # the same images, the same model: the same answer from either layout

@@ -1,14 +1,14 @@
 """The monitor: GPU utilisation sampled while a job runs (NVML replaced by a stand-in on the
-workers), and make demo's check of notebook 04's claim."""
+workers)."""
 
-import json
 import sys
 
 import cloudpickle
 import pytest
 
-from helpers import ddp, demo, monitor
+from helpers import ddp, monitor
 from helpers.cluster import make_client
+from helpers.show.lines import restart_line
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
 
@@ -47,36 +47,6 @@ def test_gpus_are_sampled_while_the_job_runs():
     assert {g["util"] for g in during} == {87} and {g["gpu"] for g in during} == {0}
 
 
-def test_demo_fails_loudly_when_the_cnn_does_not_beat_its_baselines(tmp_path):
-    path = tmp_path / "claim.json"
-    claim = {
-        "ResNet from scratch (validation top-1)": 0.40,
-        "colour histogram (best of three)": 0.12,
-        "chance (uniform)": 0.10,
-        "chance (majority class)": 0.10,
-    }
-    path.write_text(json.dumps(claim))
-    assert "ResNet from scratch (validation top-1) 40.0%" in demo.check_claim(path)
-    path.write_text(json.dumps(claim | {"colour histogram (best of three)": 0.35}))
-    with pytest.raises(RuntimeError, match="did not learn what colour and chance cannot"):
-        demo.check_claim(path)
-    assert demo.check_claim(path, strict=False).startswith("WARNING (04): the CNN did not learn")
-
-
-def test_make_demo_fails_by_default_and_only_warns_when_asked(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "run", lambda *args: [])  # the notebooks "ran"; their claim below
-    claim = tmp_path / "checkpoints" / "dogs" / "claim.json"
-    claim.parent.mkdir(parents=True)
-    claim.write_text(json.dumps({"ResNet from scratch (validation top-1)": 0.11,
-                                 "chance (uniform)": 0.10}))  # fmt: skip
-    with pytest.raises(RuntimeError, match="did not learn"):
-        demo.summary(tmp_path)
-    with pytest.raises(RuntimeError, match="did not learn"):
-        demo.main(["--out", str(tmp_path / "notebooks")])
-    demo.main(["--out", str(tmp_path / "notebooks"), "--warn-only"])
-    assert "WARNING (04): the CNN did not learn" in capsys.readouterr().out
-
-
 class _Client:
     """What a Monitor needs of a Dask client, when the test feeds it the records itself."""
 
@@ -88,8 +58,17 @@ class _Client:
 
 
 def _step(epoch, step, steps=4):
-    return {"kind": "step", "rank": 0, "epoch": epoch, "step": step, "steps": steps,
-            "loss": 2.0, "acc": 0.1, "img_per_s": 50.0, "data_wait": 0.1}  # fmt: skip
+    return {
+        "kind": "step",
+        "rank": 0,
+        "epoch": epoch,
+        "step": step,
+        "steps": steps,
+        "loss": 2.0,
+        "acc": 0.1,
+        "img_per_s": 50.0,
+        "data_wait": 0.1,
+    }
 
 
 def test_a_restart_reaches_the_live_plot_and_the_cell_output(caplog):
@@ -102,8 +81,13 @@ def test_a_restart_reaches_the_live_plot_and_the_cell_output(caplog):
 
     client = _Client()
     watch = monitor.Monitor(client, "t")
-    restart = {"kind": "restart", "attempt": 1, "cause": "worker lost", "time": 0.0,
-               "error": "WorkerLost: DDP rank 1: its worker tcp://127.0.0.1:4321 died"}  # fmt: skip
+    restart = {
+        "kind": "restart",
+        "attempt": 1,
+        "cause": "worker lost",
+        "time": 0.0,
+        "error": "WorkerLost: DDP rank 1: its worker tcp://127.0.0.1:4321 died",
+    }
     for record in (_step(1, 1), _step(1, 2), restart, _step(1, 3)):
         client.handler((0.0, record))  # as Dask delivers them: (timestamp, record)
     axes = plots.live_training(watch)
@@ -117,7 +101,7 @@ def test_a_restart_reaches_the_live_plot_and_the_cell_output(caplog):
     with caplog.at_level("WARNING", logger="helpers.monitor"):
         assert watch.follow(done, draw=plots.live_training) == "history"
     told = [r.message for r in caplog.records if r.message.startswith("restart 1")]
-    assert told == [monitor.restart_line(watch.restarts()[0])], caplog.text  # once
+    assert told == [restart_line(watch.restarts()[0])], caplog.text  # once
 
 
 def test_the_live_plot_shows_every_epoch_however_fast_the_job_ran(monkeypatch):
@@ -140,9 +124,17 @@ def test_the_live_plot_shows_every_epoch_however_fast_the_job_ran(monkeypatch):
     client = _Client()
     watch = monitor.Monitor(client, "t")
     for epoch in (1, 2, 3):
-        end = {"kind": "epoch", "rank": 0, "epoch": epoch, "train_loss": 2.0, "val_loss": 2.0,
-               "val_top1": 0.3, "val_top5": 0.9, "train_img_per_s": 9.0,
-               "epoch_s": 1.0}  # fmt: skip
+        end = {
+            "kind": "epoch",
+            "rank": 0,
+            "epoch": epoch,
+            "train_loss": 2.0,
+            "val_loss": 2.0,
+            "val_top1": 0.3,
+            "val_top5": 0.9,
+            "train_img_per_s": 9.0,
+            "epoch_s": 1.0,
+        }
         for record in (_step(epoch, 2), _step(epoch, 4), end):
             client.handler((0.0, record))
     done = Future()

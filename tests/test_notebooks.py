@@ -8,7 +8,7 @@ import nbformat
 import papermill
 import pytest
 
-from helpers import runner
+from helpers.run import runner
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
@@ -125,7 +125,7 @@ def test_inference_notebook_names_a_missing_checkpoint(s3, tmp_path):
 
 
 def test_sweep_runs_notebook_04_per_worker_count_and_06_plots_it(s3, tmp_path):
-    from helpers import sweep
+    from helpers.run import sweep
 
     params = {**TINY_DOGS, **TINY_TRAINING, "epochs": 1}
     executed = sweep.run([1, 2], tmp_path / "sweep", params, s3.data_dir)

@@ -31,14 +31,21 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.twohost, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DATA_URL = "s3://dogs/twohost"
 TINY = {"n_breeds": 4, "images_per_breed": 10}  # 40 images: 32 to train, 8 to validate
-TRAINING = {"arch": "resnet18", "image_size": 32, "batch_size": 4, "epochs": 1, "max_steps": 2,
-            "threads": 1, "loader_workers": 0}  # fmt: skip
+TRAINING = {
+    "arch": "resnet18",
+    "image_size": 32,
+    "batch_size": 4,
+    "epochs": 1,
+    "max_steps": 2,
+    "threads": 1,
+    "loader_workers": 0,
+}
 # loader_workers=0: forking a loader process from a worker costs ~30 s on a loaded 2-core
 # machine (the loopback tests cover loader processes); the workers' settings are checked instead.
 DRIVER_TIMEOUT_S = 180  # a liveness bound on each client session, not a speed target
@@ -64,17 +71,23 @@ class Hosts:
         with open(self.logs / log, "ab") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.names[host], *map(str, cmd)],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self.procs.append(proc)
         return proc
 
     def run(self, host: int, cmd: list, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["ip", "netns", "exec", self.names[host], *map(str, cmd)],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _end_processes(ns: str, procs: list) -> None:
@@ -119,7 +132,7 @@ def _dask_config(path: Path) -> Path:
 def hosts(tmp_path_factory):
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and the `ip` command (iproute2)")
-    from helpers.s3server import DUMMY_CREDENTIALS
+    from helpers.s3.server import DUMMY_CREDENTIALS
 
     x = random.randint(1, 254)
     tag = f"{os.getpid() % 100000}{random.randint(0, 99)}"
@@ -148,8 +161,20 @@ def hosts(tmp_path_factory):
                     pytest.skip(f"cannot create a network namespace here: {err.stderr.strip()}")
                 raise
             made.append(ns)
-        _ip("link", "add", f"v{tag}a", "netns", names[0], "type", "veth",
-            "peer", "name", f"v{tag}b", "netns", names[1])  # fmt: skip
+        _ip(
+            "link",
+            "add",
+            f"v{tag}a",
+            "netns",
+            names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"v{tag}b",
+            "netns",
+            names[1],
+        )
         for ns, addr, dev in zip(names, addrs, (f"v{tag}a", f"v{tag}b"), strict=True):
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
@@ -182,8 +207,16 @@ def s3_endpoint(hosts, tmp_path_factory):
     """The embedded S3 server on the first namespace's address, reachable from both."""
     data = tmp_path_factory.mktemp("twohost-s3")
     log = hosts.logs / "s3.log"
-    cmd = [sys.executable, "-m", "helpers.s3server", "serve", "--dir", data, "--host",
-           hosts.addrs[0]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "helpers.s3.server",
+        "serve",
+        "--dir",
+        data,
+        "--host",
+        hosts.addrs[0],
+    ]
     proc = hosts.spawn(0, cmd, log.name)
 
     def endpoint():
@@ -252,11 +285,34 @@ def cluster(request, hosts, tmp_path_factory):
     """`dask scheduler` in namespace 0, one `dask worker` in each, over the class's protocol."""
     proto, a0 = request.cls.protocol, hosts.addrs[0]
     tls_dir = _certificates(tmp_path_factory.mktemp("tls"), hosts.addrs) if proto == "tls" else ""
-    tls = ["--tls-ca-file", tls_dir / "ca.pem", "--tls-cert", tls_dir / "cert.pem",
-           "--tls-key", tls_dir / "key.pem"] if tls_dir else []  # fmt: skip
+    tls = (
+        [
+            "--tls-ca-file",
+            tls_dir / "ca.pem",
+            "--tls-cert",
+            tls_dir / "cert.pem",
+            "--tls-key",
+            tls_dir / "key.pem",
+        ]
+        if tls_dir
+        else []
+    )
     info = hosts.logs / f"scheduler-{proto}.json"
-    cmd = [BIN / "dask", "scheduler", "--protocol", proto, "--host", a0, "--port", 8786,
-           "--dashboard-address", f"{a0}:8787", "--scheduler-file", info, *tls]  # fmt: skip
+    cmd = [
+        BIN / "dask",
+        "scheduler",
+        "--protocol",
+        proto,
+        "--host",
+        a0,
+        "--port",
+        8786,
+        "--dashboard-address",
+        f"{a0}:8787",
+        "--scheduler-file",
+        info,
+        *tls,
+    ]
     scheduler = hosts.spawn(0, cmd, f"scheduler-{proto}.log")
     mine = [scheduler]
     try:
@@ -264,9 +320,22 @@ def cluster(request, hosts, tmp_path_factory):
         address = json.loads(info.read_text())["address"]
         for i, addr in enumerate(hosts.addrs):
             # Its HTTP server (dashboard, /health) listens on every interface unless told.
-            cmd = [BIN / "dask", "worker", address, "--protocol", proto, "--host", addr,
-                   "--dashboard-address", f"{addr}:0", "--nthreads", 1, "--death-timeout", 60,
-                   *tls]  # fmt: skip
+            cmd = [
+                BIN / "dask",
+                "worker",
+                address,
+                "--protocol",
+                proto,
+                "--host",
+                addr,
+                "--dashboard-address",
+                f"{addr}:0",
+                "--nthreads",
+                1,
+                "--death-timeout",
+                60,
+                *tls,
+            ]
             mine.append(hosts.spawn(i, cmd, f"worker-{proto}-{i}.log"))
         yield Cluster(address, str(tls_dir))
     finally:  # the next protocol's cluster starts afresh; a graceful stop is not under test
@@ -296,8 +365,13 @@ def driven(request, hosts, s3_endpoint, cluster, tmp_path_factory):
     """One client session in namespace 0 (this file's :func:`main`): the helpers' DDP run,
     then, where the class asks, notebook 04 through papermill; their results."""
     folder = tmp_path_factory.mktemp(f"nb04-{request.cls.protocol}")
-    args = dict(address=cluster.address, tls_dir=cluster.tls_dir, endpoint=s3_endpoint,
-                folder=str(folder), notebook=request.cls.notebook)  # fmt: skip
+    args = dict(
+        address=cluster.address,
+        tls_dir=cluster.tls_dir,
+        endpoint=s3_endpoint,
+        folder=str(folder),
+        notebook=request.cls.notebook,
+    )
     done = hosts.run(0, [sys.executable, __file__, json.dumps(args)], DRIVER_TIMEOUT_S)
     if done.returncode:
         pytest.fail(f"the client's side failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -330,8 +404,9 @@ def _check_ranks(hosts, cluster, driven) -> None:
             _host(r["worker"])
         }, r["listening"]
     # The workers took the settings notebook 03 documents, from the config file.
-    assert all(not f["daemon"] and f["MALLOC_TRIM_THRESHOLD_"] == "unset"
-               for f in out["facts"].values()), out["facts"]  # fmt: skip
+    assert all(
+        not f["daemon"] and f["MALLOC_TRIM_THRESHOLD_"] == "unset" for f in out["facts"].values()
+    ), out["facts"]
 
 
 def _check_notebook(hosts, cluster, driven) -> None:
@@ -438,16 +513,22 @@ def _train_and_look(cfg, options, *, rank, device):
     from helpers import train
 
     history = train.train_rank(cfg, options, rank=rank, device=device)
-    return {"rank": rank.rank, "local_rank": rank.local_rank,
-            "local_world_size": rank.local_world_size, "worker": rank.worker,
-            "master": rank.master_addr, "listening": _listening(), "history": history}  # fmt: skip
+    return {
+        "rank": rank.rank,
+        "local_rank": rank.local_rank,
+        "local_world_size": rank.local_world_size,
+        "worker": rank.worker,
+        "master": rank.master_addr,
+        "listening": _listening(),
+        "history": history,
+    }
 
 
 def _train(address: str, tls_dir: str, endpoint: str) -> dict:
     from helpers import cluster as cl
     from helpers import ddp, prepare
     from helpers.config import TrainConfig
-    from helpers.storage import storage_options
+    from helpers.s3.storage import storage_options
 
     options = storage_options(endpoint)  # signed with the AWS_* credentials of the environment
     prepare.ensure_synthetic(DATA_URL, options, TINY["n_breeds"], TINY["images_per_breed"])
@@ -462,16 +543,28 @@ def _train(address: str, tls_dir: str, endpoint: str) -> dict:
 def _notebook(address: str, tls_dir: str, endpoint: str, folder: str) -> str:
     import papermill
 
-    from helpers import runner
+    from helpers.run import runner
 
     (path,) = runner.notebook_paths(["04"])
     out = Path(folder) / path.name
-    params = {**TINY, **TRAINING, "data_url": DATA_URL, "s3_endpoint": endpoint,
-              "cluster": address, "tls_dir": tls_dir,
-              "checkpoint_url": f"{DATA_URL}-runs/{address.split(':')[0]}"}  # fmt: skip
-    papermill.execute_notebook(str(path), str(out), parameters=params, cwd=folder,
-                               kernel_name=runner.KERNEL, progress_bar=False,
-                               execution_timeout=DRIVER_TIMEOUT_S)  # fmt: skip
+    params = {
+        **TINY,
+        **TRAINING,
+        "data_url": DATA_URL,
+        "s3_endpoint": endpoint,
+        "cluster": address,
+        "tls_dir": tls_dir,
+        "checkpoint_url": f"{DATA_URL}-runs/{address.split(':')[0]}",
+    }
+    papermill.execute_notebook(
+        str(path),
+        str(out),
+        parameters=params,
+        cwd=folder,
+        kernel_name=runner.KERNEL,
+        progress_bar=False,
+        execution_timeout=DRIVER_TIMEOUT_S,
+    )
     return str(out)
 
 

@@ -1,0 +1,93 @@
+"""Running notebooks headless with papermill: what ``make demo``, the sweep and the tests share.
+
+A notebook runs with its kernel's working directory in ``notebooks/`` and gets only the parameters
+its ``parameters`` cell declares, so one set of overrides can go to every notebook.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from helpers.errors import ParameterError
+from helpers.s3 import server as s3server
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL = "dask-dl"
+
+
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order; ``only``: number prefixes such as ``["02", "04"]``."""
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]-*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
+        if not paths:
+            raise ParameterError(
+                f"--only {only}: no notebook starts with that; have "
+                f"{[p.name for p in sorted(NOTEBOOKS.glob('*.ipynb'))]}"
+            )
+    return paths
+
+
+def declared(path: Path) -> dict:
+    """The parameters a notebook declares: name -> papermill's description (type, default...)."""
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+def execute(
+    path: Path, out_dir: Path, parameters: dict, html: bool = True, timeout: int = 1800
+) -> Path:
+    """Execute one notebook with papermill (kernel cwd: ``notebooks/``); export HTML too.
+
+    Parameters the notebook does not declare are left out (papermill would warn about each).
+    """
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    known = declared(path)
+    papermill.execute_notebook(
+        str(path),
+        str(out),
+        parameters={k: v for k, v in parameters.items() if k in known},
+        cwd=str(path.parent),
+        kernel_name=KERNEL,
+        progress_bar=False,
+        execution_timeout=timeout,
+    )
+    if html:
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_filename(str(out))
+        out.with_suffix(".html").write_text(body)
+    return out
+
+
+@contextmanager
+def embedded_s3(s3_dir: Path) -> Iterator[None]:
+    """Reuse the server already serving ``s3_dir``, or run one for the duration."""
+    server = None
+    if s3server.running_server(s3_dir) is None:
+        server = s3server.EmbeddedS3(s3_dir).start()
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def parse_parameter(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` (as papermill's ``-p``): VALUE a Python literal, else a string."""
+    name, _, value = text.partition("=")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value

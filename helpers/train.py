@@ -22,7 +22,7 @@ from helpers.errors import Terminated
 from helpers.jobs import rankctl
 from helpers.loading.batches import Batches
 from helpers.loading.loaders import make_loaders
-from helpers.loop.meter import StepMeter, publish
+from helpers.loop.meter import KeyLog, StepMeter, publish
 from helpers.loop.model import build_model, param_sum
 from helpers.loop.state import TrainState
 from helpers.s3 import retry
@@ -101,7 +101,7 @@ def train_one_epoch(
     model, optimizer = trained.model, trained.optimizer
     model.train()
     retried, steps = retry.retries(), steps_per_epoch(batches, cfg)
-    meter = StepMeter(device, epoch, steps, cfg, rank)
+    meter, keys = StepMeter(device, epoch, steps, cfg, rank), KeyLog(cfg.keys_log, rank)
     for step, batch in zip(range(first_step, steps), batches, strict=False):  # stop at steps
         meter.fetched()
         # Copied, or with GPU decode decoded and augmented, on the device: part of the data wait.
@@ -109,20 +109,29 @@ def train_one_epoch(
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         meter.waited()
+        if not real:  # a placeholder: BatchNorm's running statistics must not see it
+            model.eval()
         with autocast(device, cfg.amp):
             logits = model(images)
-            loss = trained.criterion(logits, labels) * (1.0 if real else 0.0)  # a placeholder: 0
+            loss = trained.criterion(logits, labels) * (1.0 if real else 0.0)  # weighs nothing
+        model.train()
         optimizer.zero_grad(set_to_none=True)
+        stepping = real or rank.world_size > 1  # alone with nothing real: no step at all
         if trained.scaler is not None:
             trained.scaler.scale(loss).backward()
-            trained.scaler.step(optimizer)
+            if stepping:
+                trained.scaler.step(optimizer)
             trained.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
+            if stepping:
+                optimizer.step()
         trained.scheduler.step()
         if real:
             meter.add(step, loss, logits, labels, optimizer.param_groups[0]["lr"])
+            keys.write(epoch, step, batches.keys(batch))
+        else:
+            meter.skipped()  # counted nowhere: not in the metrics, not as data wait
         rankctl.beat()  # the job's hang check: this rank made progress
         if on_step is not None:
             on_step(step + 1)
@@ -200,23 +209,31 @@ class Saver:
 
     def _save(self, done: int, step: int, position: dict | None, record: dict) -> None:
         state = checkpoint.state_of(
-            self.cfg, self.trained, done, self.classes, record, step, position
-        )
+            self.cfg, self.trained, done, self.classes, record, step, position,
+            self.rank.world_size,
+        )  # fmt: skip
         checkpoint.save(self.cfg.checkpoint_url, self.options, state, self.cfg.keep_checkpoints)
 
     def step(self, done: int) -> None:
-        """After ``done`` steps of the current epoch; if any rank's worker was told to stop
-        (SIGTERM), a checkpoint now, then :class:`~helpers.errors.Terminated` on every rank."""
-        every, leaving = self.cfg.checkpoint_every, _any_rank(rankctl.stop_requested())
-        due = leaving or (every and done % every == 0)
-        if self.rank.rank == 0 and self.cfg.checkpoint_url and due:
+        """After ``done`` steps of the current epoch: a checkpoint every ``checkpoint_every``
+        steps; and every ``log_every`` steps (the loop's one host sync per window), whether any
+        rank's worker was told to go (SIGTERM, closing): then a checkpoint now, and
+        :class:`~helpers.errors.Terminated` on every rank."""
+        every = self.cfg.checkpoint_every
+        leaving = done % self.cfg.log_every == 0 and _any_rank(rankctl.stop_requested())
+        if (
+            self.rank.rank == 0
+            and self.cfg.checkpoint_url
+            and (leaving or every and done % every == 0)
+        ):
             self._save(self.epoch - 1, done, self.batches.position(done), {})
             rankctl.beat()  # an upload is progress too
         if leaving:  # wait for rank 0's checkpoint (an all-reduce is a barrier): a rank that
             _any_rank(False)  # reported first could start the restart before it was written
+            url = self.cfg.checkpoint_url
+            saved = f"checkpointed in {url}" if url else "no checkpoint (checkpoint_url='')"
             raise Terminated(
-                f"a worker was told to stop (SIGTERM) at epoch {self.epoch} step {done}; "
-                "checkpointed"
+                f"a worker was told to stop (SIGTERM) at epoch {self.epoch} step {done}; {saved}"
             )
 
     def epoch_end(self, record: dict) -> None:
@@ -264,7 +281,7 @@ def train_rank(
     #    automatic restart (rank.attempt > 0), from this job's latest, possibly mid-epoch.
     first, step, position = 1, 0, None
     if cfg.resume or rank.attempt:
-        first, step, position = checkpoint.resume(cfg, options, trained, rank.attempt > 0)
+        first, step, position = checkpoint.resume(cfg, options, trained, rank, rank.attempt > 0)
     saver = Saver(cfg, options, rank, trained, manifest.classes, train_batches)
 
     history = list(rank.restarts)  # a record per automatic restart, then one per epoch

@@ -78,3 +78,16 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     state = {"epoch": 3, "config": dataclasses.asdict(cfg)}
     with pytest.raises(CheckpointError, match="already at epoch 3; resume needs epochs > 3"):
         checkpoint.check_resumable(state, cfg)
+
+
+def test_resume_refuses_another_number_of_ranks_or_another_batch_size(tmp_path):
+    """The objects path's position is a count of batches, and the learning rate was scaled to
+    ranks x batch_size: another world size or batch size would repeat or skip images."""
+    cfg = TrainConfig("s3://dogs/tiny", epochs=3, checkpoint_url=str(tmp_path), resume=True)
+    state = {"epoch": 1, "world_size": 2, "config": dataclasses.asdict(cfg)}
+    checkpoint.check_resumable(state, cfg, world_size=2)
+    with pytest.raises(CheckpointError, match="world_size: 2 -> 3"):
+        checkpoint.check_resumable(state, cfg, world_size=3)
+    bigger = dataclasses.replace(cfg, batch_size=32)
+    with pytest.raises(CheckpointError, match="batch_size: 16 -> 32"):
+        checkpoint.check_resumable(state, bigger, world_size=2)

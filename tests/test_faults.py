@@ -2,6 +2,8 @@
 killed worker (restart from the latest checkpoint), SIGTERM, and every socket a job listens on.
 Every test checks that its fault really happened; time limits are generous liveness bounds."""
 
+import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -223,8 +225,73 @@ def test_a_worker_told_to_stop_checkpoints_first_and_the_job_resumes_there(clien
         "SIGTERM: finished %.1f s after the signal: %s", time.monotonic() - told, history[0][0]
     )
     restart, first, _ = history[0]
-    assert restart["cause"] == "terminated" and "checkpointed" in restart["error"]
+    assert restart["cause"] == "terminated" and "checkpointed in" in restart["error"]
     assert first["epoch"] == 1 and first["first_step"] >= 2  # resumed where it was told to stop
+
+
+@contextlib.contextmanager
+def _command_line_cluster(tmp_path, nanny: bool):
+    """A `dask scheduler` and one `dask worker` (with or without its nanny), as command lines on
+    loopback, set up as notebook 03 says: yields (client, the worker's command-line process)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from distributed import Client
+
+    from helpers.s3.server import free_ports
+
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PYTHONPATH": path}
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    loopback = ["--host", "127.0.0.1", "--no-dashboard"]
+    dask = [sys.executable, "-m", "dask"]
+    worker = [*dask, "worker", address, "--nthreads", "1", *loopback]
+    worker += ["--nworkers", "1"] if nanny else ["--no-nanny"]
+    procs = []
+    for name, cmd in (("scheduler", [*dask, "scheduler", "--port", address.rsplit(":", 1)[1],
+                                     *loopback]), ("worker", worker)):  # fmt: skip
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=repo,
+                                          start_new_session=True))  # fmt: skip
+    client = Client(address, timeout=60)
+    try:
+        client.wait_for_workers(1, timeout=120)
+        yield client, procs[1]
+    finally:
+        client.close(timeout=10)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, 9)
+            p.wait(10)
+
+
+@pytest.mark.parametrize("nanny", [False, True], ids=["no-nanny", "nanny"])
+def test_sigterm_to_a_command_line_worker_checkpoints_the_current_step_then_it_exits(
+    dogs, tmp_path, nanny
+):
+    """Kubernetes stops a pod with SIGTERM to the `dask worker` process: the rank writes a
+    checkpoint at the step it is at, and the worker process exits (started without a nanny, it
+    is Dask's own handler that closes it; with one, the nanny closes the worker over IPC)."""
+    import signal
+
+    _, options, _ = dogs
+    cfg = _train_config(dogs, tmp_path, checkpoint_every=0, max_restarts=0)  # SIGTERM's only
+    with _command_line_cluster(tmp_path, nanny) as (client, worker):
+        watch = monitor.Monitor(client, cfg.topic)
+        job = ddp.start(client, train.train_rank, cfg, options, timeout_s=120)
+        _wait_for_step(watch, 2)
+        worker.send_signal(signal.SIGTERM)
+        told = time.monotonic()
+        worker.wait(timeout=40)  # it exits, after the checkpoint
+        took = time.monotonic() - told
+        job.exception(timeout=60)
+    state = checkpoint.load(cfg.checkpoint_url, options)
+    logging.getLogger(__name__).warning("%s: exited %.1f s after SIGTERM; checkpoint at epoch "
+                                        "%d step %d", worker.args[-1], took, state["epoch"],
+                                        state["step"])  # fmt: skip
+    assert state["epoch"] == 0 and state["step"] >= 2  # mid-epoch, where it was told to stop
 
 
 def _listening(*, rank, device):
@@ -244,3 +311,55 @@ def test_every_socket_a_job_listens_on_is_loopback(client):
     listening = [s for rank in ddp.run(client, _listening, timeout_s=60) for s in rank]
     assert len(listening) >= 3  # each worker, the rendezvous store, gloo's pairs
     assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+
+
+def _trained_keys(folder) -> dict[int, list[tuple]]:
+    """Per rank, ``(epoch, step, keys)`` as the finished run trained them: the last line of each
+    (epoch, step) in its key log (a restart or a resume repeats the steps after its checkpoint)."""
+    from pathlib import Path
+
+    out = {}
+    for path in sorted(Path(folder).glob("rank-*.log")):
+        last = {}
+        for line in path.read_text().splitlines():
+            _attempt, epoch, step, *keys = line.split(" ")
+            last[(int(epoch), int(step))] = tuple(keys)
+        out[int(path.stem[5:])] = [(*k, v) for k, v in sorted(last.items())]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["objects", "shards"])
+def test_a_restarted_and_a_resumed_run_train_on_the_keys_a_straight_run_does(
+    client, own_s3, tmp_path, fmt
+):
+    """Resumes proven exact by sample keys: a straight run; one whose rank 1 worker is killed
+    mid-epoch (an automatic restart from the last checkpoint); and one cancelled mid-epoch then
+    rerun with resume=True. Every rank trains on the same keys, in the same order, in each."""
+    server, url = own_s3
+    options = server.storage_options
+    base = dict(data_format=fmt, epochs=2, checkpoint_every=1, loader_workers=1)
+
+    def run(name, **kw):
+        cfg = _train_config((url, options, None), tmp_path, **base, **kw,
+                            keys_log=str(tmp_path / name / "keys"),
+                            checkpoint_url=str(tmp_path / name / "ck"))  # fmt: skip
+        return cfg, monitor.Monitor(client, cfg.topic)
+
+    straight, _ = run("straight")
+    ddp.run(client, train.train_rank, straight, options)
+    expected = _trained_keys(straight.keys_log)
+    assert len(expected) == 2 and len(expected[0]) == 2 * 4  # 32 images, 2 ranks, batches of 4
+
+    restarted, watch = run("restarted", max_restarts=1)
+    job = ddp.start(client, train.train_rank, restarted, options)
+    _kill_rank_worker_at(client, watch, 1, step=3)
+    job.result(timeout=300)
+    assert job.restarts and _trained_keys(restarted.keys_log) == expected
+
+    interrupted, watch = run("resumed")
+    job = ddp.start(client, train.train_rank, interrupted, options)
+    _wait_for_step(watch, 3)
+    job.cancel()
+    resumed = dataclasses.replace(interrupted, resume=True)
+    ddp.run(client, train.train_rank, resumed, options)
+    assert _trained_keys(interrupted.keys_log) == expected

@@ -141,3 +141,26 @@ def test_the_live_plot_shows_every_epoch_however_fast_the_job_ran(monkeypatch):
     done.set_result("history")
     assert watch.follow(done, refresh_s=60, draw=plots.live_training) == "history"
     assert [t.split(":")[0] for t in titles] == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+
+
+def test_where_each_rank_was_when_a_job_hung_reaches_the_cell_output(caplog):
+    from concurrent.futures import Future
+
+    client = _Client()
+    watch = monitor.Monitor(client, "t")
+    hung = {
+        "kind": "stacks",
+        "error": "RankHung: DDP rank 1 on worker tcp://127.0.0.1:9 made no progress for 130 s",
+        "stacks": {"rank 0 on tcp://127.0.0.1:8": '  File "train.py", line 9, in all_reduce\n',
+                   "rank 1 on tcp://127.0.0.1:9": '  File "loader.py", line 4, in _next_data\n'},
+        "time": 0.0,
+    }  # fmt: skip
+    for record in (_step(1, 1), hung):
+        client.handler((0.0, record))
+    done = Future()
+    done.set_exception(RuntimeError("the job hung"))
+    with caplog.at_level("WARNING", logger="helpers.monitor"), pytest.raises(RuntimeError):
+        watch.follow(done, refresh_s=0.01)
+    told = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RankHung: DDP rank 1" in told and "Where each rank was" in told
+    assert "--- rank 1 on tcp://127.0.0.1:9:\n" in told and "_next_data" in told

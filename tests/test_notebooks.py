@@ -1,8 +1,12 @@
 """Every notebook executed headless (papermill, small parameters), and nbval on the outputs kept
 on purpose in the committed notebooks."""
 
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import nbformat
 import papermill
@@ -82,11 +86,42 @@ def test_cluster_notebook(s3, tmp_path):
     assert "daemon" in facts and "False" in facts and "True" not in facts
 
 
+def _kernel_workers(since: float) -> list:
+    """The Dask worker processes of the notebook kernel started after ``since``: the kernel's
+    children that multiprocessing spawned."""
+    import psutil
+
+    kernels = [p for p in psutil.process_iter(["cmdline", "create_time"])
+               if "ipykernel_launcher" in " ".join(p.info["cmdline"] or [])
+               and p.info["create_time"] >= since]  # fmt: skip
+    return [c for k in kernels for c in k.children()
+            if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def nb04(s3, tmp_path_factory):
-    """Notebook 04, small: its checkpoint folder is what notebook 05 reads."""
+    """Notebook 04, small, with chaos: one of its workers is SIGKILLed from outside mid-epoch,
+    once the first mid-epoch checkpoint is written; with ``max_restarts=1`` the notebook must
+    complete. Its checkpoint folder is what notebook 05 reads."""
     out = tmp_path_factory.mktemp("nb04")
-    return _run("04", _params("04", s3, out), out), out / "checkpoints"
+    params = {**_params("04", s3, out), "max_restarts": 1, "checkpoint_every": 2, "max_steps": 0}
+    began, done, killed = time.time() - 1, threading.Event(), []
+
+    def kill_a_worker_mid_epoch():
+        first = out / "checkpoints" / "checkpoint.pt"
+        while not done.is_set() and not killed:
+            workers = _kernel_workers(began) if first.exists() else []
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_a_worker_mid_epoch, daemon=True).start()
+    try:
+        nb = _run("04", params, out)
+    finally:
+        done.set()
+    return nb, out / "checkpoints", killed
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +129,12 @@ def trained(nb04):
     return nb04[1]
 
 
-def test_training_notebook_shows_its_run(nb04):
-    nb, folder = nb04
+def test_training_notebook_completes_through_a_killed_worker_and_shows_its_run(nb04):
+    nb, folder, killed = nb04
+    assert killed, "no worker of the notebook's cluster was found to kill"
+    live = _output(nb, "watch.follow(job")
+    assert "restart 1 (worker lost) at epoch" in live  # the cell's output, beside the plot
+    assert "image/png" in live  # the live figure
     assert (folder / "checkpoint.pt").exists() and (folder / "metrics.csv").exists()
     assert "image/png" in _output(nb, "watch.follow(job")  # the live figure
     claim = _output(nb, "claim = {")

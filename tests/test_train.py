@@ -135,3 +135,103 @@ def test_two_ranks_train_from_uneven_shards_and_validate_every_image_once(client
     assert r0["val_images"] == r1["val_images"] == val_split  # padding never counted
     assert r0["train_images"] == r1["train_images"] > 0  # the same number of steps on each rank
     assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-6)
+
+
+@pytest.fixture
+def alone(tmp_path):
+    """A process group of one (gloo), in this process: the loop's collectives really run."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)  # fmt: skip
+    yield
+    dist.destroy_process_group()
+
+
+def _one_rank(batches_list, cfg, tmp_path):
+    """A resnet18 of 3 classes, its training state and Batches over ``batches_list``."""
+    import torch
+
+    from helpers.config import Rank
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trained = TrainState(model, torch.nn.CrossEntropyLoss(), opt, sched)
+    batches = Batches(batches_list, ToDevice(32, train=True), source="objects", image_size=32,
+                      batch_size=4)  # fmt: skip
+    return trained, batches, Rank.alone()
+
+
+def _batch(seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.tensor([0, 1, 2, 0]))  # fmt: skip
+
+
+def test_the_loop_syncs_the_host_and_talks_to_the_ranks_once_per_log_every(
+    alone, tmp_path, monkeypatch
+):
+    """20 steps, a record every 5: the SIGTERM check's all-reduce and the metrics' .item()
+    come per window, not per step (they would stall the GPU's overlap with the next batch)."""
+    import torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig("unused", image_size=32, log_every=5, topic="syncs")
+    trained, batches, rank = _one_rank([_batch(i) for i in range(20)], cfg, tmp_path)
+    saver = train.Saver(cfg, None, rank, trained, ["a", "b", "c"], batches)
+    calls = {"all_reduce": 0, "item": 0}
+    real_reduce, real_item = dist.all_reduce, torch.Tensor.item
+
+    def counted(name, real):
+        def call(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+
+        return call
+
+    monkeypatch.setattr(dist, "all_reduce", counted("all_reduce", real_reduce))
+    monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
+    train.train_one_epoch(trained, batches, torch.device("cpu"), 1, cfg, rank, 0, saver.step)
+    assert calls["all_reduce"] == 20 // 5, calls  # one SIGTERM check a window
+    assert calls["item"] <= 3 * (20 // 5) + 2, calls  # the window's record, the check, the end
+
+
+def test_a_placeholder_step_changes_no_weight_no_statistic_and_no_metric(alone, tmp_path):
+    """Every image of the second batch unreadable (None): the rank still steps (its peers would
+    wait for it) but that step weighs nothing: alone, the weights and BatchNorm's running
+    statistics stay as they were, and the metrics count the real batches only."""
+    import copy
+
+    import torch
+
+    cfg = TrainConfig("unused", image_size=32, log_every=1, topic="placeholder")
+    trained, batches, rank = _one_rank([_batch(0), None], cfg, tmp_path)
+    after_one = []
+    train.train_one_epoch(trained, batches, torch.device("cpu"), 1, cfg, rank, 0,
+                          lambda done: after_one.append(copy.deepcopy(
+                              trained.model.state_dict())))  # fmt: skip
+    first, second = after_one
+    assert all(torch.equal(first[k], second[k]) for k in first), [
+        k for k in first if not torch.equal(first[k], second[k])
+    ]
+    out = train.train_one_epoch(trained, batches, torch.device("cpu"), 1, cfg, rank)
+    assert out["train_images"] == 4  # the real batch only
+
+
+def test_a_rank_told_to_go_without_a_checkpoint_folder_says_it_wrote_none(monkeypatch):
+    import torch
+
+    from helpers.errors import Terminated
+    from helpers.jobs import rankctl
+
+    cfg = TrainConfig("unused", image_size=32, log_every=1, topic="term")
+    trained, batches, rank = _one_rank([_batch(0)], cfg, None)
+    monkeypatch.setitem(rankctl._TERM, "at", 1.0)
+    saver = train.Saver(cfg, None, rank, trained, ["a", "b", "c"], batches)
+    with pytest.raises(Terminated, match=r"step 1; no checkpoint \(checkpoint_url=''\)") as err:
+        train.train_one_epoch(trained, batches, torch.device("cpu"), 1, cfg, rank, 0, saver.step)
+    assert "checkpointed" not in str(err.value)

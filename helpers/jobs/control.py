@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from helpers.errors import (
     Cancelled,
+    ClusterBusy,
     RankHung,
     SchedulerLost,
     StorageUnavailable,
@@ -31,19 +32,7 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 3.0  # a rank that ignores its stop this long is ended by restarting its worker
-# Errors a rank raises because *another* rank failed: reported only if nothing better exists.
-SECONDARY = (
-    "connection closed",
-    "connection reset",
-    "broken pipe",
-    "process group",
-    "distbackenderror",
-    "gloo",
-    "nccl",
-    "timed out",
-    "peer",
-    "stopped",
-)
+HANG_STACK_DEPTH = 12  # frames of each rank's stack shown when a job hangs
 
 
 def scheduler_lost(client: Client, job: str) -> SchedulerLost | None:
@@ -101,7 +90,10 @@ def supervise(
             if any(f.status == "error" for f in futures):
                 time.sleep(0.5)  # let peers' secondary errors land, then pick the real one
                 check_alive(client, ranks, ids)  # a dead worker explains its peers' errors
-                raise primary_error([f for f in futures if f.status == "error"], futures)
+                err = primary_error([f for f in futures if f.status == "error"])
+                if _collective(err):  # a collective failed or timed out: show where all are
+                    err.stacks = rank_stacks(client, job, ranks)
+                raise err
             if all(f.status == "finished" for f in futures):
                 return [f.result() for f in futures]
             if any(f.status == "cancelled" for f in futures):
@@ -216,23 +208,55 @@ def check_progress(client: Client, job: str, ranks: list, hang_s: float) -> None
             ages[r.rank] = p["age_s"]
     if ages and min(ages.values()) > hang_s:
         quiet = ranks[max(ages, key=ages.get)]
-        raise RankHung(
+        stacks = rank_stacks(client, job, ranks)
+        err = RankHung(
             f"DDP rank {quiet.rank} on worker {quiet.worker} made no progress for "
-            f"{ages[quiet.rank]:.0f} s (hang_s={hang_s}); stopping the job"
+            f"{ages[quiet.rank]:.0f} s (hang_s={hang_s}); stopping the job. Where each rank "
+            f"was:\n{show_stacks(stacks)}"
         )
+        err.stacks = stacks
+        raise err
 
 
-def primary_error(failed: list, futures: list) -> BaseException:
-    """The failing rank's own error, not a peer's reaction to it."""
+def primary_error(failed: list) -> BaseException:
+    """The error that ended the job, from the futures of the ranks that failed: a rank's own
+    error before its peers' reactions to it (a collective that failed because a peer left:
+    torch's ``DistError``; a rank stopped: ``Cancelled``), and among those, the first to fail
+    (``failed_at``, stamped by the rank)."""
 
-    def secondary(f):
-        text = f"{type(f.exception()).__name__} {f.exception()}".lower()
-        return any(s in text for s in SECONDARY)
+    def order(f) -> tuple:
+        err = f.exception()
+        return (_collective(err) or isinstance(err, Cancelled), getattr(err, "failed_at", 1e18))
 
-    failed.sort(key=lambda f: (secondary(f), futures.index(f)))
-    err = failed[0].exception()
-    log.error("DDP rank %d failed: %r", futures.index(failed[0]), err)
+    first = min(failed, key=order)
+    err = first.exception()
+    log.error("DDP rank %s failed: %r", getattr(err, "rank", "?"), err)
     return err
+
+
+def _collective(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure (torch.distributed's ``DistError``: a peer
+    that closed its group, a timeout), which another rank's failure usually causes."""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError)
+
+
+def rank_stacks(client: Client, job: str, ranks: list) -> dict[str, str]:
+    """``{"rank N on worker": its Python stack}`` of every rank of ``job`` still running: where a
+    hung job is, on every worker (one ``client.run``)."""
+    workers = [r.worker for r in ranks]
+    try:
+        seen = client.run(rankctl.stacks, job, HANG_STACK_DEPTH, workers=workers, on_error="return")
+    except OSError:  # the scheduler or a worker went away meanwhile
+        return {}
+    return {f"rank {r.rank} on {r.worker}": seen[r.worker] for r in ranks
+            if isinstance(seen.get(r.worker), str)}  # fmt: skip
+
+
+def show_stacks(stacks: dict[str, str]) -> str:
+    """The stacks of :func:`rank_stacks`, as text to read in an error or a cell's output."""
+    return "\n".join(f"--- {who}:\n{stack.rstrip()}" for who, stack in stacks.items())
 
 
 def restart_cause(err: BaseException, previous: BaseException | None) -> str | None:
@@ -265,6 +289,24 @@ def wait_for_leavers(client: Client, timeout_s: float) -> None:
             return
         time.sleep(0.2)
     log.warning("workers told to stop were still there after %.0f s", timeout_s)
+
+
+def wait_for_older_ranks(client: Client, timeout_s: float | None) -> None:
+    """Until no rank of an earlier job runs on the cluster (its client may have died and its
+    lock's lease run out while its ranks still stop), or :class:`ClusterBusy` after
+    ``timeout_s``: a new job never trains beside an old one."""
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else 1e9)
+    while True:
+        left = {w: jobs for w, jobs in client.run(rankctl.running, on_error="return").items()
+                if isinstance(jobs, list) and jobs}  # fmt: skip
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterBusy(
+                f"ranks of an earlier job still run on {left} after {timeout_s:.0f} s "
+                "(lock_timeout_s); cancel them or restart those workers"
+            )
+        time.sleep(0.5)
 
 
 def wait_for_workers(client: Client, n: int, timeout_s: float) -> list[str]:

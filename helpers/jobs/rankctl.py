@@ -2,53 +2,85 @@
 
 A running Dask task cannot be interrupted from outside (``client.cancel`` only forgets it). So:
 
-- each rank registers its thread under its job's key (:func:`registered`);
-- :func:`stop`, sent by the notebook with ``client.run`` (which runs in the worker's event loop
-  while the task's thread is busy), sets the job's stop flag and raises :class:`Stopped` in the
-  rank's thread (``PyThreadState_SetAsyncExc``). It lands at the next Python bytecode: between
-  steps, when a DataLoader wait returns (every 5 s at most), or when a collective returns
-  because a peer closed its process group. A rank stuck in C for longer than
-  :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker;
+- each rank registers its thread under its job's name while it runs (:func:`registered`);
+- :func:`stop` raises :class:`~helpers.errors.Stopped` in the rank's thread
+  (``PyThreadState_SetAsyncExc``). It lands at the next Python bytecode: between steps, when a
+  DataLoader wait returns (every 5 s at most), or when a collective returns because a peer
+  closed its process group. A rank stuck in C for longer than
+  :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker. A stop is sent
+  only while the rank's thread runs the rank (a lock decides), and one still pending when the
+  rank ends is withdrawn: it never lands in Dask's thread pool, whose threads are not replaced;
+- a watchdog beside each rank stops it when its task is no longer wanted: cancelled, or its
+  client gone (a notebook kernel that died, a client that left a remote cluster), within
+  :data:`WATCH_S`, so no rank trains on with nobody to report to;
 - :func:`beat` (every training step) stamps the time; :func:`progress` reports its age, so the
-  job tells a hung rank from a slow one;
-- SIGTERM (a node drained, a pod evicted: a grace period, then SIGKILL) sets a flag the
-  training loop reads with :func:`stop_requested` to write a checkpoint before it goes.
+  job tells a hung rank from a slow one; :func:`stacks` shows where a quiet rank is;
+- SIGTERM (a node drained, a pod evicted: a grace period, then SIGKILL) and a worker closing
+  (its nanny told to stop) set a flag the training loop reads with :func:`stop_requested`, to
+  write a checkpoint at the current step before the worker goes (:class:`RankGuard`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
-import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from helpers.errors import Cancelled, Stopped
 
 log = logging.getLogger(__name__)
 
-_RANKS: dict[str, dict] = {}  # job key -> {"thread", "beat", "steps"}: this process's ranks
+WATCH_S = 2.0  # how often a rank's watchdog asks whether its task is still wanted
+GRACE_S = 30.0  # how long a signalled or closing worker waits for its rank's checkpoint
+
+_LOCK = threading.Lock()  # a stop is sent, and a rank ends, one at a time
+_RANKS: dict[str, dict] = {}  # job -> {"thread", "beat", "steps", "stop", "running"}
 _STOPPED: list[str] = []  # jobs told to stop, newest last: a rank starting late stops at once
-_TERM: dict = {"at": 0.0, "obey": None}  # when SIGTERM arrived (0: never), and what then
+_TERM: dict = {"at": 0.0, "exit": False}  # when SIGTERM (or a close) came; exit once ranks end
 
 
 @contextmanager
 def registered(job: str) -> Iterator[dict]:
-    """Register the calling thread as ``job``'s rank in this process while the block runs."""
+    """Register the calling thread as ``job``'s rank in this process while the block runs, with
+    a watchdog that stops it when its task is no longer wanted. Leaving the block (or
+    :func:`release`) ends all stopping: a stop still pending is withdrawn."""
     if job in _STOPPED or _over(job):
         raise Cancelled(f"{job} was stopped or over before this rank started")
-    entry = {"thread": threading.get_ident(), "beat": 0.0, "steps": 0, "stop": False}
-    _RANKS[job] = entry
+    entry = {"thread": threading.get_ident(), "beat": 0.0, "steps": 0, "stop": False,
+             "running": True, "done": threading.Event()}  # fmt: skip
+    with _LOCK:
+        _RANKS[job] = entry
+    _watch(job, entry)
     try:
         yield entry
     finally:
-        _RANKS.pop(job, None)
-        if _TERM["at"]:  # SIGTERM came while the rank ran: obey it now that it has ended
-            threading.Timer(1.0, _TERM["obey"]).start()  # once the task's error is sent
+        release(job, entry)
+        with _LOCK:
+            _RANKS.pop(job, None)
+        if _TERM["exit"] and not _RANKS:  # SIGTERM came while it ran: now the worker goes
+            threading.Timer(1.0, os._exit, (128 + signal.SIGTERM,)).start()  # its error sent
+
+
+def release(job: str, entry: dict | None = None) -> None:
+    """No stop for ``job``'s rank from now on (it is cleaning up, or done); one already sent
+    and not yet raised is withdrawn. Call it from the rank's own thread."""
+    entry = entry or _RANKS.get(job)
+    if entry is None or not entry["running"]:
+        return
+    with _LOCK:
+        entry["running"] = False
+        entry["done"].set()
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry["thread"]), None)
 
 
 def _over(job: str) -> bool:
@@ -61,19 +93,49 @@ def _over(job: str) -> bool:
         return False
 
 
+def _watch(job: str, entry: dict) -> None:
+    """Stop ``job``'s rank once the worker no longer wants its task (cancelled, released, its
+    client gone): a daemon thread that reads the worker's task state every :data:`WATCH_S`."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except ValueError:  # not in a Dask task: nothing to watch
+        return
+
+    def watch() -> None:
+        while not entry["done"].wait(WATCH_S):
+            task = worker.state.tasks.get(key)
+            if task is None or task.state not in ("executing", "long-running"):
+                log.warning("%s: its task is %s; stopping the rank", job,
+                            task.state if task else "gone")  # fmt: skip
+                stop(job)
+                return
+
+    threading.Thread(target=watch, name=f"watch-{job}", daemon=True).start()
+
+
 def stop(job: str) -> bool:
     """Stop ``job``'s rank in this process (run it with ``client.run``); True if one ran."""
-    if job not in _STOPPED:
-        _STOPPED[:] = [*_STOPPED[-99:], job]
-    entry = _RANKS.get(job)
-    if entry is None or entry["stop"]:
-        return False
-    entry["stop"] = True
-    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(entry["thread"]), ctypes.py_object(Stopped)
-    )
-    log.warning("stopping DDP job %s in this worker (%d thread)", job, done)
-    return bool(done)
+    with _LOCK:
+        if job not in _STOPPED:
+            _STOPPED[:] = [*_STOPPED[-99:], job]
+        entry = _RANKS.get(job)
+        if entry is None or entry["stop"] or not entry["running"]:
+            return False
+        entry["stop"] = True
+        sent = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(entry["thread"]), ctypes.py_object(Stopped)
+        )
+    log.warning("stopping DDP job %s in this worker (%d thread)", job, sent)
+    return bool(sent)
+
+
+def running() -> list[str]:
+    """The jobs with a rank running in this process (run with ``client.run``)."""
+    with _LOCK:
+        return sorted(job for job, entry in _RANKS.items() if entry["running"])
 
 
 def exit_soon(delay_s: float = 0.2) -> int:
@@ -87,7 +149,7 @@ def exit_soon(delay_s: float = 0.2) -> int:
 def beat() -> None:
     """The calling rank made progress (a training or validation step)."""
     ident = threading.get_ident()
-    for entry in _RANKS.values():
+    for entry in list(_RANKS.values()):
         if entry["thread"] == ident:
             entry["beat"] = time.monotonic()
             entry["steps"] += 1
@@ -103,10 +165,23 @@ def progress(job: str) -> dict | None:
     return {"age_s": age, "steps": entry["steps"], "terminating": bool(_TERM["at"])}
 
 
-def watch_sigterm(grace_s: float = 30.0) -> bool:
-    """On SIGTERM, let this worker's rank checkpoint first: the signal is noted
-    (:func:`stop_requested`) and obeyed once the rank has ended, or after ``grace_s``. Run with
-    ``client.run``: it executes in the main thread, the only one that may set handlers."""
+def stacks(job: str, depth: int = 12) -> str | None:
+    """Where ``job``'s rank is now: its thread's Python stack, innermost last (``depth`` frames),
+    or None when it runs no rank here (run with ``client.run``)."""
+    entry = _RANKS.get(job)
+    frame = sys._current_frames().get(entry["thread"]) if entry else None
+    if frame is None:
+        return None
+    return "".join(traceback.format_stack(frame)[-depth:])
+
+
+def watch_sigterm() -> bool:
+    """On SIGTERM, let this worker's rank checkpoint first (run with ``client.run``: it executes
+    in the main thread, the only one that may set handlers). The signal is noted
+    (:func:`stop_requested`); a handler that was there (Dask's own, in a worker started without a
+    nanny) then runs at once and closes the worker, whose :class:`RankGuard` waits for the
+    checkpoint; without one, the process exits once its rank has ended, or after
+    :data:`GRACE_S`."""
     if threading.current_thread() is not threading.main_thread():
         return False
     previous = signal.getsignal(signal.SIGTERM)
@@ -114,22 +189,38 @@ def watch_sigterm(grace_s: float = 30.0) -> bool:
         return True
 
     def _noted(signum, frame):
-        if not _TERM["at"]:
-            _TERM["at"], _TERM["obey"] = time.monotonic(), functools.partial(_obey, previous)
-            log.warning("SIGTERM: the DDP rank here checkpoints, then the worker goes")
-            threading.Timer(grace_s if _RANKS else 0.1, _TERM["obey"]).start()
+        if _TERM["at"]:
+            return
+        _TERM["at"] = time.monotonic()
+        if callable(previous):  # in the main thread, as a signal handler must be
+            previous(signum, frame)
+            return
+        _TERM["exit"] = True
+        if not _RANKS:
+            os._exit(128 + signum)
+        threading.Timer(GRACE_S, os._exit, (128 + signum,)).start()  # a rank that never ends
 
     signal.signal(signal.SIGTERM, _noted)
     return True
 
 
-def _obey(previous) -> None:
-    if callable(previous):
-        previous(signal.SIGTERM, None)
-    else:
-        os._exit(128 + signal.SIGTERM)
-
-
 def stop_requested() -> bool:
-    """True once this worker process has been told to terminate (SIGTERM)."""
+    """True once this worker process has been told to go (SIGTERM, or closing)."""
     return bool(_TERM["at"])
+
+
+class RankGuard(WorkerPlugin):
+    """A worker closing (its nanny told to stop, Dask's SIGTERM handler, a scale-down) first
+    lets its rank write a checkpoint at the current step: it sets :func:`stop_requested` and
+    waits for the rank to end, at most :data:`GRACE_S`."""
+
+    name = "helpers-rank-guard"
+
+    async def teardown(self, worker) -> None:
+        if not running():
+            return
+        _TERM["at"] = _TERM["at"] or time.monotonic()
+        log.warning("worker closing: its DDP rank checkpoints first (at most %.0f s)", GRACE_S)
+        deadline = time.monotonic() + GRACE_S
+        while running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)

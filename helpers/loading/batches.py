@@ -12,7 +12,10 @@ with everything the loop asks of them, and nothing hung on the loader.
   (seed, epoch, rank), so a position is a count of batches: the objects path skips that many
   batches' indices in its sampler's order, the shard path hands
   :meth:`~helpers.shards.stream.ShardStream.state_dict` to the stream. The rest of the epoch then
-  sees each remaining image once: no repeats, no gaps.
+  sees each remaining image once, in the order a straight run sees them: no repeats, no gaps
+  (``TrainConfig.keys_log`` records it; tests/test_faults.py compares). Their augmentations are
+  seeded by (seed, epoch, rank) as before, but the loader processes' random streams start
+  afresh at the resumed position, so the crops and flips after it differ from a straight run's.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ class OnDevice(NamedTuple):
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
-    """The augmentations' seed for an epoch of a rank: a resumed run augments as a straight run
-    did."""
+    """The augmentations' seed for an epoch of a rank (an epoch's crops and flips are the same
+    every time it is trained from its start)."""
     return seed * 1_000_003 + epoch * 1_009 + rank
 
 
@@ -133,6 +136,13 @@ class Batches:
                 "neither a shard stream position nor a resumable sampler"
             )
 
+    def keys(self, batch: tuple | None) -> list[str]:
+        """The keys of ``batch``'s images, a shard stream's padding (repeats) marked ``+``."""
+        if batch is None or len(batch) < 3:
+            return []
+        padding = batch[3].tolist() if len(batch) == 4 else [False] * len(batch[2])
+        return [f"{k}+" if pad else k for k, pad in zip(batch[2], padding, strict=True) if k]
+
     def to_device(self, batch: tuple | None, device: torch.device) -> OnDevice:
         """``batch`` on ``device``, without a shard stream's padding; a placeholder (two black
         images, ``real=False``) when nothing of it could be read, so that every rank still
@@ -147,11 +157,15 @@ class Batches:
 
 
 def without_padding(batch: tuple) -> tuple:
-    """``(images, labels)`` of a batch, without the padding a shard stream adds to even out
-    ranks (its validation batches are ``(images, labels, keys, is_padding)``)."""
+    """``(images, labels)`` of a batch, without the blank padding a shard stream adds to
+    validation to even out ranks (its batches are ``(images, labels, keys, is_padding)``;
+    training's padding repeats real images, trained on like the rest)."""
     if len(batch) == 4:
-        images, labels, _, padding = batch
-        return images[~padding], labels[~padding]
+        import torch
+
+        images, labels, keys = batch[:3]
+        real = torch.tensor([bool(k) for k in keys])  # a blank has no key
+        return images[real], labels[real]
     return batch[0], batch[1]
 
 

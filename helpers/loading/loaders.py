@@ -51,8 +51,9 @@ def make_loaders(
     (``helpers.data.Manifest``), this rank's disjoint share of each.
 
     Each rank validates its own slice of the validation split (padding, when shards are uneven,
-    is flagged and never counted). The training augmentations are reseeded every epoch
-    (:meth:`Batches.start_epoch`), so a resumed run sees what a straight run saw.
+    is flagged and never counted). A run resumed mid-epoch trains on the images a straight run
+    trains on, in the same order (:mod:`helpers.loading.batches`); their augmentations are
+    drawn afresh from the resumed position.
     """
     gpu = gpudecode.resolve_decode(cfg.decode, device) == "gpu"
     if cfg.data_format == "synthetic":
@@ -88,12 +89,13 @@ def _object_batches(cfg, options, rank, manifest, split, pin: bool, gpu: bool) -
     kind = gpudecode.ObjectBytes if gpu else S3ImageDataset
     cache = cfg.cache_dir or None
 
-    def dataset(keys, tf):
+    def dataset(keys, tf, with_keys):
         labels = [manifest.label(k) for k in keys]
-        return kind(manifest.url, keys, labels, options, tf, draft=cfg.image_size, cache_dir=cache)
+        return kind(manifest.url, keys, labels, options, tf, draft=cfg.image_size,
+                    cache_dir=cache, with_keys=with_keys)  # fmt: skip
 
-    train_ds = dataset(split.train, train_tf)
-    val_ds = dataset(share_of(split.val, rank), val_tf)
+    train_ds = dataset(split.train, train_tf, with_keys=True)  # keys: what a rank trained on
+    val_ds = dataset(share_of(split.val, rank), val_tf, with_keys=False)
     sampler = ResumableSampler(
         train_ds, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
@@ -140,7 +142,7 @@ def _shard_batches(cfg, options, rank, manifest, split, pin: bool, gpu: bool) ->
     ):
         share = Share(rank.rank, rank.world_size, batch_size, cfg.seed)
         reading = Reading(decode, tf, image_size=cfg.image_size)
-        stream = ShardStream(index, cfg.data_url, name, options, share, reading)
+        stream = ShardStream(index, cfg.data_url, name, options, share, reading, with_keys=True)
         loader = dataloader.stream_loader(stream, cfg.loader_workers, pin, prefetch)
         out.append(
             Batches(

@@ -29,7 +29,9 @@ class S3ImageDataset:
     options, never a filesystem; each process makes its own on first use. The DataLoader calls
     ``__getitems__`` with a whole batch of indices, whose objects are fetched concurrently (one
     round trip of latency per batch, not per image). Bad objects are skipped with a warning
-    naming the key (``on_error="skip"``) or raise (``on_error="raise"``). ``cache_dir``: a local
+    naming the key (``on_error="skip"``) or raise (``on_error="raise"``). ``with_keys``: items
+    are ``(image, label, key)`` (the training loaders: a rank can log what it trained on), else
+    ``(image, label)``. ``cache_dir``: a local
     folder that keeps fetched objects (compressed, as stored), so epochs after the first read
     local disk instead of S3; shared by every process on the host.
     """
@@ -44,6 +46,7 @@ class S3ImageDataset:
         on_error: str = "skip",
         draft: int | None = None,
         cache_dir: str | None = None,
+        with_keys: bool = False,
     ):
         if on_error not in ON_ERROR:
             raise ParameterError(f"on_error={on_error!r}; allowed: 'skip', 'raise'")
@@ -52,6 +55,7 @@ class S3ImageDataset:
         if len(self.labels) != len(self.keys):
             raise ParameterError(f"{len(self.labels)} labels for {len(self.keys)} keys")
         self.transform, self.on_error, self.draft = transform, on_error, draft
+        self.with_keys = with_keys
         self.root = storage.split_url(url)[1]
         self.cache_dir = cache_dir
         self.versions = self._list_versions() if cache_dir else {}
@@ -76,6 +80,8 @@ class S3ImageDataset:
         return items[0] if items else None
 
     def __getitems__(self, indices: list[int]) -> list:
+        if self.with_keys:
+            return [(x, y, self.keys[i]) for i, x, y in self.samples(indices)]
         return [(x, y) for _, x, y in self.samples(indices)]
 
     def samples(self, indices: list[int]) -> list[tuple]:

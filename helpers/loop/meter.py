@@ -22,6 +22,25 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
 log = logging.getLogger(__name__)
 
 
+class KeyLog:
+    """What a rank trained on, step by step: ``<folder>/rank-<r>.log``, one line a step,
+    ``attempt epoch step key key...`` (a shard stream's repeats marked ``+``). Appended across
+    attempts and resumed runs, so the last line of each (epoch, step) is what the finished run
+    trained on there: a straight run's log must read the same. Nothing without a folder."""
+
+    def __init__(self, folder: str, rank: Rank):
+        import os
+
+        self.rank, self.path = rank, os.path.join(folder, f"rank-{rank.rank}.log") if folder else ""
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    def write(self, epoch: int, step: int, keys: list[str]) -> None:
+        if self.path:  # opened a line at a time: a killed worker keeps what it logged
+            with open(self.path, "a") as f:
+                f.write(f"{self.rank.attempt} {epoch} {step} {' '.join(keys)}\n")
+
+
 def publish(topic: str, record: dict) -> None:
     """Send ``record`` to every client subscribed to ``topic`` (Dask's ``log_event``, about
     2 ms, no extra service); nothing outside a Dask worker."""
@@ -71,6 +90,10 @@ class StepMeter:
         self.window_seen += len(labels)
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.steps:
             self._publish(step, lr)
+        self.tick = time.perf_counter()
+
+    def skipped(self) -> None:
+        """Call after a step that trained on nothing (a placeholder): it counts nowhere."""
         self.tick = time.perf_counter()
 
     def _publish(self, step: int, lr: float) -> None:

@@ -113,8 +113,13 @@ def _goes_quiet(cfg, *, rank, device):
 
 def test_a_hung_rank_is_named_within_hang_s_not_the_job_timeout(client):
     began = time.monotonic()
-    with pytest.raises(RankHung, match=r"rank 1 on worker .* no progress for \d+ s"):
+    with pytest.raises(RankHung, match=r"rank 1 on worker .* no progress for \d+ s") as err:
         ddp.run(client, _goes_quiet, JobConfig(hang_s=5), timeout_s=300)
+    # Where: rank 1 asleep in _goes_quiet, rank 0 waiting in its all_reduce.
+    (quiet,) = [s for who, s in err.value.stacks.items() if who.startswith("rank 1 ")]
+    assert "_goes_quiet" in quiet and "time.sleep(3600)" in quiet, err.value.stacks
+    (waiting,) = [s for who, s in err.value.stacks.items() if who.startswith("rank 0 ")]
+    assert "all_reduce" in waiting and "Where each rank was" in str(err.value)
     logging.getLogger(__name__).warning(
         "hung rank named %.1f s after the job began (rank 1 quiet ~0.5 s in)",
         time.monotonic() - began,
@@ -205,3 +210,127 @@ def test_losing_the_scheduler_ends_the_job_naming_it(own_scheduler):
         assert took < 10
     finally:
         client.close(timeout=10)
+
+
+def _short_rank(seconds, *, rank, device):
+    time.sleep(seconds)
+    return rank.rank
+
+
+def _late_stops(delay_s):
+    """In the worker: every stop's exception leaves ``delay_s`` after the stop decided to send
+    it (the widest form of the race between a rank ending and its stop)."""
+    import ctypes
+
+    real = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    if getattr(real, "__name__", "") == "late":
+        return
+    rankctl._LATE = real
+
+    def late(tid, exc):
+        time.sleep(delay_s)
+        return real(tid, exc)
+
+    late.__name__ = "late"
+    ctypes.pythonapi.PyThreadState_SetAsyncExc = late
+
+
+def _running_jobs():
+    return sorted(rankctl._RANKS)
+
+
+def test_a_stop_racing_a_rank_that_ends_never_lands_in_the_workers_thread_pool():
+    """Many start/stop cycles on a one-thread worker, each stop's exception sent as the rank
+    returns to Dask's pool: afterwards the worker still runs tasks."""
+    with make_client("local", n_workers=1) as c:
+        c.run(_late_stops, 0.3)
+        (worker,) = c.nthreads()
+        for _ in range(12):
+            job = ddp.start(c, _short_rank, 0.2, timeout_s=60)
+            deadline = time.monotonic() + 60
+            while not c.run(_running_jobs)[worker] and not job.done():
+                assert time.monotonic() < deadline, "the rank did not start"
+                time.sleep(0.02)
+            for name in c.run(_running_jobs)[worker]:
+                c.run(rankctl.stop, name)  # sent as the rank ends: its 0.2 s are nearly up
+            with contextlib.suppress(Exception):
+                job.result(timeout=60)
+        assert c.submit(lambda: 41 + 1, pure=False).result(timeout=20) == 42
+        assert c.run(
+            lambda dask_worker: (
+                dask_worker.executor._threads
+                and all(t.is_alive() for t in dask_worker.executor._threads)
+            )
+        )[worker]
+
+
+def _storage_fails_on_rank1(cfg, *, rank, device):
+    """Attempt 0: rank 1's storage stays away (its message full of words like "timed out" and
+    "connection reset"); rank 0 meanwhile waits in a collective, which fails when rank 1's group
+    goes away. Attempt 1 succeeds."""
+    import torch
+    import torch.distributed as dist
+
+    from helpers.errors import StorageUnavailable
+
+    if rank.attempt == 0:
+        if rank.rank == 1:
+            time.sleep(0.5)
+            raise StorageUnavailable(
+                "s3://dogs/tiny at http://127.0.0.1:9 kept failing for 30 s (5 retries; last: "
+                "ReadTimeoutError: read timed out, connection reset by peer)"
+            )
+        dist.all_reduce(torch.ones(1))
+    return rank.attempt
+
+
+def test_the_rank_that_failed_first_names_the_error_and_its_cause_restarts_the_job(client):
+    job = ddp.start(client, _storage_fails_on_rank1, JobConfig(max_restarts=1, hang_s=0))
+    assert job.result(timeout=180) == [1, 1]
+    (restart,) = job.restarts
+    assert restart["cause"] == "storage unavailable", restart
+    assert restart["error"].startswith("StorageUnavailable: s3://dogs/tiny"), restart
+
+
+_ORPHANING_CLIENT = """
+import sys, time
+from distributed import Client
+from helpers import ddp
+from helpers.jobs import rankctl
+
+def forever(*, rank, device):
+    while True:
+        time.sleep(0.1)
+        rankctl.beat()
+
+client = Client(sys.argv[1], timeout=30)
+ddp.start(client, forever, timeout_s=120)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_ranks_stop_when_their_client_dies_and_the_next_job_runs_alone(tmp_path):
+    """A notebook kernel that dies leaves no rank training on: the client, in a process of its
+    own, starts a job on a shared cluster and is SIGKILLed; its ranks stop within 10 s, and a
+    second job then runs with no rank of the first beside it."""
+    import dask
+    import psutil
+
+    lease = {"distributed.scheduler.locks.lease-timeout": "3s",  # the dead client's lock: soon
+             "distributed.scheduler.locks.lease-validation-interval": "1s"}  # fmt: skip
+    with dask.config.set(lease), make_client("local", n_workers=2) as c:
+        child = psutil.Popen([sys.executable, "-c", _ORPHANING_CLIENT, c.scheduler.address])
+        try:
+            deadline = time.monotonic() + 120
+            while sum(len(j) for j in c.run(rankctl.running).values()) < 2:
+                assert time.monotonic() < deadline and child.poll() is None, "no ranks started"
+                time.sleep(0.2)
+            child.kill()
+            killed = time.monotonic()
+            while any(c.run(rankctl.running).values()):
+                assert time.monotonic() - killed < 10, c.run(rankctl.running)
+                time.sleep(0.2)
+        finally:
+            child.kill()
+        assert ddp.run(c, _sum, lock_timeout_s=60, timeout_s=60) == [0, 1]

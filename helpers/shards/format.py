@@ -129,8 +129,8 @@ def pack_shard(samples: Iterable[tuple[str, int, bytes]]) -> bytes:
 def read_shard(blob: bytes, name: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` per sample, in the shard's order.
 
-    A damaged shard raises one of :data:`DAMAGED` after the samples read before the damage;
-    ``name`` (the shard's) is named in the message.
+    A damaged shard raises one of :data:`DAMAGED` after the samples read before the damage, an
+    empty one :class:`ShardError`; ``name`` (the shard's) is named in the message.
     """
     key, members = None, {}
     try:
@@ -147,8 +147,9 @@ def read_shard(blob: bytes, name: str = "") -> Iterator[tuple[str, dict[str, byt
         if key is not None:
             yield key, members  # the reader checks that the sample is whole
         raise
-    if key is not None:
-        yield key, members
+    if key is None:
+        raise ShardError(f"{_where(name)} holds no samples")
+    yield key, members
 
 
 def tar_members(blob: bytes, name: str = "") -> Iterator[tuple[str, bytes]]:
@@ -159,18 +160,18 @@ def tar_members(blob: bytes, name: str = "") -> Iterator[tuple[str, bytes]]:
 
     The bytes are not trusted: a bad checksum, a size that is not octal digits (a negative one
     would never advance), a member over :data:`MAX_MEMBER_BYTES`, a shard over
-    :data:`MAX_SHARD_BYTES`, malformed PAX records or data cut short raise :class:`ShardError`
-    naming the shard (``name``) and the byte offset. Every header read moves on by 512 bytes
-    at least, so the reader always ends.
+    :data:`MAX_SHARD_BYTES`, malformed PAX records or data cut short (the end-of-archive marker
+    missing too) raise :class:`ShardError` naming the shard (``name``) and the byte offset.
+    Every header read moves on by 512 bytes at least, so the reader always ends.
     """
-    where = f"shard {name}" if name else "a shard"
+    where = _where(name)
     if len(blob) > MAX_SHARD_BYTES:
         raise ShardError(f"{where} is {len(blob)} bytes, over the {MAX_SHARD_BYTES} bytes allowed")
     pos, end, long_name = 0, len(blob), None
-    while pos < end:
+    while True:
         header = blob[pos : pos + 512]
-        if len(header) < 512:
-            raise ShardError(f"{where}: unexpected end of data, a header cut short at byte {pos}")
+        if len(header) < 512:  # a shard cut at a member's end too: it would read as a whole one
+            raise ShardError(f"{where}: unexpected end of data, no header at byte {pos}")
         if header == _ZERO_BLOCK:
             return  # the end-of-archive marker
         if _checksum(header) != _octal(header[148:156], where, pos):
@@ -197,6 +198,12 @@ def tar_members(blob: bytes, name: str = "") -> Iterator[tuple[str, bytes]]:
 
 
 _ZERO_BLOCK = bytes(512)
+
+
+def _where(name: str) -> str:
+    return f"shard {name}" if name else "a shard"
+
+
 _OCTAL = frozenset(b"01234567")
 
 
@@ -256,7 +263,7 @@ def read_index(url: str, options: dict | None = None, shards_url: str | None = N
             ) from None
     try:
         index = json.loads(raw)
-    except ValueError as err:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested past the stack
         index, problem = None, f"not JSON ({err})"
     else:
         problem = index_problem(index)
@@ -282,6 +289,11 @@ def index_problem(index) -> str | None:
         return f"format {index.get('format')!r}, this code reads {FORMAT!r}"
     if not isinstance(index.get("manifest_sha256"), str):
         return f"manifest_sha256={index.get('manifest_sha256')!r}, not a sha256"
+    fraction, seed = index.get("val_fraction"), index.get("seed")
+    if type(fraction) not in (int, float) or not 0 < fraction < 1:
+        return f"val_fraction={fraction!r}, not a fraction between 0 and 1"
+    if type(seed) is not int:
+        return f"seed={seed!r}, not a whole number"
     if index.get("split_source") not in ("official", "seeded"):
         return f"split_source={index.get('split_source')!r}, not 'official' or 'seeded'"
     classes = index.get("classes")

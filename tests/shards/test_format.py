@@ -183,6 +183,21 @@ def test_members_and_shards_past_their_bounds_are_refused(monkeypatch):
         list(shards.read_shard(_ONE, "s.tar"))
 
 
+def test_an_empty_shard_and_one_cut_at_a_member_are_refused():
+    with pytest.raises(ShardError, match="shard e.tar holds no samples"):
+        list(shards.read_shard(bytes(1024), "e.tar"))
+    whole = len(_ONE) - len(_ONE.rstrip(b"\0"))  # the end-of-archive marker and padding
+    cut = _ONE[: -(whole // 512) * 512]  # at the end of the last member: no marker
+    assert list(shards.tar_members(_ONE)) == [
+        ("Images/n1-a/n1_1.jpg", b"x" * 700),
+        ("Images/n1-a/n1_1.cls", b"0"),
+    ]
+    with pytest.raises(
+        ShardError, match=f"c.tar: unexpected end of data, no header at byte {len(cut)}"
+    ):
+        list(shards.tar_members(cut, "c.tar"))
+
+
 @pytest.mark.parametrize(
     "records", [b"99 path=a.jpg\n", b"13 path=a.jpg\n", b"2 \n", b"12 path=a.jpg", b"x\n"]
 )
@@ -253,6 +268,8 @@ def test_a_valid_index_reads(tmp_path):
         (lambda i: i["splits"]["train"].update(shards={}), "shards"),
         (lambda i: i.update(classes="n1-a"), "classes"),
         (lambda i: i.update(manifest_sha256=None), "manifest_sha256"),
+        (lambda i: i.pop("val_fraction"), "val_fraction=None"),
+        (lambda i: i.update(seed="0"), "seed='0'"),
     ],
 )
 def test_an_index_that_breaks_its_format_is_refused_naming_what(tmp_path, edit, words):
@@ -262,7 +279,7 @@ def test_an_index_that_breaks_its_format_is_refused_naming_what(tmp_path, edit, 
     assert "index.json" in str(err.value) and "python -m helpers.prepare shards" in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["[]", "null", '"index"', "{", '{"format": 3}'])
+@pytest.mark.parametrize("text", ["[]", "null", '"index"', "{", '{"format": 3}', "[" * 100_000])
 def test_an_index_that_is_not_an_index_is_refused(tmp_path, text):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "index.json").write_text(text)

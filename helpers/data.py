@@ -271,12 +271,12 @@ def connect(endpoint: str, data_dir: str | os.PathLike = ".s3data") -> dict:
     import atexit
 
     if endpoint == "embedded":
-        url = server.running_server(data_dir)
-        if url is None:
+        running = server.running_options(data_dir)  # its endpoint and credentials
+        if running is None:
             embedded = server.EmbeddedS3(data_dir).start()
             atexit.register(embedded.stop)
             return embedded.storage_options
-        return storage.storage_options(url, anon=False, **server.DUMMY_CREDENTIALS)
+        return running
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise ParameterError(
             f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "

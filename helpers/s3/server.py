@@ -392,7 +392,10 @@ def running_options(data_dir: str | os.PathLike) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Keep an embedded S3 server running in the foreground."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.s3.server", description=main.__doc__)
+    # Named as it was run: python -m helpers.s3.server, or the dask-dl-s3 entry point.
+    ran_as_module = Path(sys.argv[0]).name in ("server.py", "__main__.py")
+    prog = "python -m helpers.s3.server" if ran_as_module else None  # None: argv[0]'s name
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run an embedded S3 server until Ctrl-C")
     serve.add_argument("--dir", default=".s3data", help="where the objects are kept")

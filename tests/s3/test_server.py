@@ -110,3 +110,22 @@ def test_off_loopback_a_server_that_cannot_check_credentials_is_refused(tmp_path
         s3server.EmbeddedS3(tmp_path, backend="moto", host="127.0.0.2")
     with pytest.raises(ValueError, match="fixed credentials"):
         s3server.EmbeddedS3(tmp_path, host="127.0.0.2", credentials=s3server.DUMMY_CREDENTIALS)
+
+
+def test_the_command_line_names_itself_as_it_was_run(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "helpers.s3.server", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.startswith("usage: python -m helpers.s3.server serve")
+    assert "--credentials-from-env" in out
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/dask-dl-s3", "--help"])  # the entry point
+    with pytest.raises(SystemExit):
+        s3server.main()
+    assert capsys.readouterr().out.startswith("usage: dask-dl-s3 ")

@@ -312,6 +312,23 @@ def test_a_shard_holding_other_counts_than_its_index_is_named(sharded, caplog):
         assert said in caplog.text and f"its index entry says {e['images']}" in caplog.text
 
 
+@pytest.mark.parametrize("presign", [True, False])
+def test_a_refused_shard_is_reported_as_refused_not_as_missing(sharded, caplog, presign):
+    from helpers.errors import StorageError
+
+    url, options, manifest, _ = sharded
+    index = shards.read_index(url, options)
+    refused = {**options, "secret": "not-the-secret"}  # the server answers 403
+    how = stream.Reading(transforms.decode_image, transforms.eval_transform(SIZE), presign=presign)
+    ds = stream.ShardStream(index, url, "val", refused, stream.Share(batch_size=4), how)
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError) as err:
+        next(iter(ds))
+    message = str(err.value)
+    assert message.startswith(f"access to {url}/shards/val-000000.tar at ") and "refused" in message
+    assert "credentials" in message
+    assert "missing" not in message + caplog.text and "Rebuild" not in message + caplog.text
+
+
 def test_an_epoch_gets_each_shard_once_and_no_image(sharded, s3):
     """Counted at the server side: one GET per shard in one process; with two processes and
     padding (32 images in batches of 5), at most one more per process (a straddled shard),

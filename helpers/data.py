@@ -128,7 +128,7 @@ def load_manifest(url: str, options: dict | None = None, refresh: bool = False) 
     return make_manifest(url, doc["keys"], doc.get("official", {}))
 
 
-def manifest_problem(doc) -> str | None:
+def manifest_problem(doc: object) -> str | None:
     """What makes a ``manifest.json`` document unreadable (None when nothing does): ``keys`` a
     non-empty list of ``<folder>/<class>/<file>`` keys without ``..``, ``official`` lists of
     keys by split name."""

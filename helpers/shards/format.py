@@ -279,7 +279,7 @@ def read_index(url: str, options: dict | None = None, shards_url: str | None = N
 SHARD_NAME = re.compile(r"(train|val)-[0-9]{6}\.tar")
 
 
-def index_problem(index) -> str | None:
+def index_problem(index: object) -> str | None:
     """What makes ``index`` unreadable (None when nothing does): the format tag, the manifest's
     hash, the split's settings, the classes, and each split's shards: names of the form
     ``<split>-NNNNNN.tar`` (:data:`SHARD_NAME`) and image counts that are positive integers."""

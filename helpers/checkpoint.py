@@ -7,10 +7,12 @@ scheduler, epoch, config, class list and the epoch's metrics. Loading uses
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -50,9 +52,12 @@ def save(folder: str, options: dict | None, state: dict, keep: int = 2) -> None:
     """Write ``state`` whole and verifiably; keep the ``keep`` newest checkpoints.
 
     The bytes end with a sha256 trailer that :func:`load` checks. A local file is written to a
-    temporary name, synced, then renamed over ``checkpoint.pt`` (a kill leaves the previous one
-    whole); an S3 object is one PUT, whole or absent. The previous checkpoint is first renamed
-    ``checkpoint-<UTC time>.pt`` (S3: a server-side copy), and older ones beyond ``keep`` go.
+    temporary name no one can guess (``.checkpoint.pt.<random>.tmp``, created exclusively: no
+    link planted there is followed), synced, renamed over ``checkpoint.pt`` and the folder
+    synced (a kill or a power cut leaves the previous one whole); an S3 object is one PUT, whole
+    or absent. The previous checkpoint is first renamed ``checkpoint-<UTC time>.pt`` (S3: a
+    server-side copy), and older ones beyond ``keep`` go. Every storage call is retried through
+    transient failures, as reads are (:func:`helpers.s3.retry.retrying`).
     """
     import torch
 
@@ -63,34 +68,52 @@ def save(folder: str, options: dict | None, state: dict, keep: int = 2) -> None:
     url = path(folder)
     protocol, key = storage.split_url(url)
     fs = storage.filesystem(url, options)
+    where = storage.describe(url, options)
     with storage.explained(url, options):
-        if fs.exists(key) and keep > 1:
+        if retry.retrying(lambda: fs.exists(key), where) and keep > 1:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-            fs.mv(key, key[: -len(".pt")] + f"-{stamp}.pt")
+            retry.retrying(lambda: fs.mv(key, key[: -len(".pt")] + f"-{stamp}.pt"), where)
         if protocol == "file":
             _write_local(key, blob)
-        else:  # S3 objects appear whole or not at all; a throttled PUT is retried
-            retry.retrying(lambda: fs.pipe_file(key, blob), storage.describe(url, options))
-        older = _versions(fs, key)
+        else:  # S3 objects appear whole or not at all
+            retry.retrying(lambda: fs.pipe_file(key, blob), where)
+        older = _versions(fs, key, where)
         for old in older[: max(0, len(older) - (keep - 1))]:
-            fs.rm(old)
+            try:
+                retry.retrying(lambda old=old: fs.rm(old), where)
+            except FileNotFoundError:
+                pass  # gone already: a retried rm whose first answer was lost
 
 
 def _write_local(key: str, blob: bytes) -> None:
-    os.makedirs(os.path.dirname(key), exist_ok=True)
-    tmp = f"{key}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, key)
+    folder = os.path.dirname(key)
+    os.makedirs(folder, exist_ok=True)
+    # A random name, created exclusively (O_EXCL, mode 0600), in the checkpoint's own folder:
+    # no one can plant a link where it will be, and the rename stays within one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(key)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, key)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is an entry in the folder: sync it, or a power cut may undo it.
+    dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def _versions(fs, key: str) -> list[str]:
+def _versions(fs, key: str, where: str) -> list[str]:
     """The older checkpoints beside ``key``, oldest first (their names sort by time)."""
     stem = key.rsplit("/", 1)[-1][: -len(".pt")]
     try:
-        names = fs.ls(key.rsplit("/", 1)[0], detail=False)
+        names = retry.retrying(lambda: fs.ls(key.rsplit("/", 1)[0], detail=False), where)
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.rsplit("/", 1)[-1].startswith(f"{stem}-"))
@@ -134,16 +157,17 @@ def load(folder: str, options: dict | None = None) -> dict | None:
     url = path(folder)
     fs = storage.filesystem(url, options)
     key = storage.split_url(url)[1]
+    where = storage.describe(url, options)
     with storage.explained(url, options):
         try:
-            raw = retry.retrying(lambda: fs.cat_file(key), storage.describe(url, options))
+            raw = retry.retrying(lambda: fs.cat_file(key), where)
         except FileNotFoundError:
-            older = _versions(fs, key)
+            older = _versions(fs, key, where)
             if not older:
                 return None
             url, raw = (
                 f"{url.rsplit('/', 1)[0]}/{older[-1].rsplit('/', 1)[-1]}",
-                fs.cat_file(older[-1]),
+                retry.retrying(lambda: fs.cat_file(older[-1]), where),
             )
     return _verified(raw, url)
 

@@ -104,14 +104,52 @@ def load_manifest(url: str, options: dict | None = None, refresh: bool = False) 
     """
     fs = storage.filesystem(url, options)
     path = storage.split_url(storage.join(url, MANIFEST))[1]
+    raw = None
     if not refresh:
         with storage.explained(url, options):
             try:
-                doc = json.loads(fs.cat_file(path))
-                return make_manifest(url, doc["keys"], doc.get("official", {}))
+                raw = fs.cat_file(path)
             except FileNotFoundError:
                 pass
-    return list_images(url, options)
+    if raw is None:
+        return list_images(url, options)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested past the stack
+        doc, problem = None, f"not JSON ({err})"
+    else:
+        problem = manifest_problem(doc)
+    if problem:
+        raise StorageError(
+            f"{storage.describe(storage.join(url, MANIFEST), options)} is not a manifest this "
+            f"code can read: {problem}; list the dataset afresh with "
+            f"data.load_manifest({url!r}, refresh=True)"
+        )
+    return make_manifest(url, doc["keys"], doc.get("official", {}))
+
+
+def manifest_problem(doc: object) -> str | None:
+    """What makes a ``manifest.json`` document unreadable (None when nothing does): ``keys`` a
+    non-empty list of ``<folder>/<class>/<file>`` keys without ``..``, ``official`` lists of
+    keys by split name."""
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    keys, official = doc.get("keys"), doc.get("official", {})
+    if not isinstance(keys, list) or not keys:
+        return f"keys={str(keys)[:80]}, not a list of image keys"
+    lists = list(official.values()) if isinstance(official, dict) else [None]
+    for listed in [keys, *lists]:
+        if not isinstance(listed, list):
+            return f"official={str(official)[:80]}, not lists of keys by split"
+        bad = [k for k in listed if not _is_key(k)][:1]
+        if bad:
+            return f"key {str(bad[0])[:80]!r}; allowed: <folder>/<class>/<file>, no '..'"
+    return None
+
+
+def _is_key(key) -> bool:
+    parts = key.split("/") if isinstance(key, str) else []
+    return len(parts) >= 2 and all(p not in ("", ".", "..") for p in parts)
 
 
 def write_manifest(manifest: Manifest, options: dict | None = None) -> None:
@@ -233,12 +271,12 @@ def connect(endpoint: str, data_dir: str | os.PathLike = ".s3data") -> dict:
     import atexit
 
     if endpoint == "embedded":
-        url = server.running_server(data_dir)
-        if url is None:
+        running = server.running_options(data_dir)  # its endpoint and credentials
+        if running is None:
             embedded = server.EmbeddedS3(data_dir).start()
             atexit.register(embedded.stop)
             return embedded.storage_options
-        return storage.storage_options(url, anon=False, **server.DUMMY_CREDENTIALS)
+        return running
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise ParameterError(
             f"s3_endpoint={endpoint!r}; allowed: 'embedded', '' (AWS or "

@@ -113,7 +113,10 @@ def _label(key: str, classes: Sequence[str]) -> int:
 
 def _shard_samples(url: str, options: dict | None, name: str, classes, size: int) -> tuple:
     """Keys, images and labels of one shard, read whole by the training reader; a damaged or
-    undecodable member is skipped and named."""
+    undecodable member is skipped and named. A sample's label is its key's class among the
+    checkpoint's ``classes`` (the shards' own label members number the classes of the dataset
+    they were built from, which need not be the checkpoint's): a class the checkpoint does not
+    know is an error naming the key."""
     tf = eval_transform(size)
     stats = dict.fromkeys(("corrupt", "missing_shards", "damaged_shards"), 0)
     where = shard_format.location(url)
@@ -130,7 +133,8 @@ def _shard_samples(url: str, options: dict | None, name: str, classes, size: int
         rebuild=rebuild,
     )
     keys, images, labels = [], [], []
-    for key, blob, label, shard in raw:
+    for key, blob, _, shard in raw:
+        label = _label(key, classes)
         try:
             image = decode_image(blob, key, draft=size)
         except ValueError as err:

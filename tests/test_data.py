@@ -55,3 +55,25 @@ def test_listing_matches_manifest_and_manifest_is_used(dogs):
     fake = data.make_manifest("s3://dogs/other", manifest.keys[:3], {})
     data.write_manifest(fake, options)
     assert len(data.load_manifest("s3://dogs/other", options).keys) == 3
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[1, 2]", "a JSON list"),
+        ('{"keys": []}', "keys=[]"),
+        ('{"keys": [null]}', "key 'None'"),
+        ('{"keys": ["x.jpg"]}', "key 'x.jpg'"),
+        ('{"keys": ["Images/../../etc/passwd"]}', "key 'Images/../../etc/passwd'"),
+        ('{"keys": ["Images/a/x.jpg"], "official": {"train": 3}}', "official="),
+        ('{"keys": ', "not JSON"),
+        ("[" * 100_000, "not JSON"),
+    ],
+)
+def test_a_manifest_that_is_not_one_is_refused_naming_the_fix(tmp_path, text, why):
+    from helpers.errors import StorageError
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(StorageError, match="manifest.json is not a manifest") as err:
+        data.load_manifest(str(tmp_path))
+    assert why in str(err.value) and "refresh=True" in str(err.value)

@@ -95,3 +95,79 @@ def test_predictions_from_shards_keep_the_original_keys(dogs, saved):
     assert [r["probability"] for r in rows] == pytest.approx(
         [r["probability"] for r in by_keys], abs=1e-5
     )  # the same images, the same model: the same answer from either layout
+
+
+def _odd_shards(dogs, folder: str, samples) -> str:
+    """A dataset URL whose one shard, ``val-000000.tar``, holds ``samples``: ``(key, label,
+    bytes)``, or bytes (the shard itself)."""
+    from helpers.s3 import storage
+    from helpers.shards import format as shard_format
+
+    url, options, _ = dogs
+    odd = storage.join(url, folder)
+    blob = samples if isinstance(samples, bytes) else shard_format.pack_shard(samples)
+    fs = storage.filesystem(odd, options)
+    fs.pipe_file(f"{storage.split_url(odd)[1]}/shards/val-000000.tar", blob)
+    return odd
+
+
+def _photos(dogs, n):
+    from helpers.s3 import storage
+
+    url, options, manifest = dogs
+    fs = storage.filesystem(url, options)
+    keys = [manifest.keys[i] for i in range(0, len(manifest.keys), len(manifest.keys) // n)][:n]
+    return keys, [fs.cat_file(f"{storage.split_url(url)[1]}/{k}") for k in keys]
+
+
+def test_shard_inference_reads_jpeg_and_png_members_and_labels_them_by_key(dogs, saved):
+    import io
+
+    from PIL import Image
+
+    url, options, manifest = dogs
+    keys, blobs = _photos(dogs, 3)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(blobs[1])).save(png, "PNG")
+    named = [keys[0][: -len(".jpg")] + ".jpeg", keys[1][: -len(".jpg")] + ".png", keys[2]]
+    # Every label member says 0: the shards' class list need not be the checkpoint's; the key's
+    # class folder, looked up among the checkpoint's classes, is the true label.
+    odd = _odd_shards(
+        dogs,
+        "odd-members",
+        list(zip(named, [0] * 3, [blobs[0], png.getvalue(), blobs[2]], strict=True)),
+    )
+    rows = inference.predict(_settings(odd, saved), options, "val-000000.tar")
+    assert [r["key"] for r in rows] == named
+    assert [r["true"] for r in rows] == [data.breed(data.class_folder(k)) for k in keys]
+    assert len({r["true"] for r in rows}) > 1
+
+
+def test_shard_inference_skips_and_names_damaged_members(dogs, saved, caplog):
+    import logging
+
+    from helpers.shards import format as shard_format
+
+    url, options, manifest = dogs
+    keys, blobs = _photos(dogs, 3)
+    labels = [manifest.label(k) for k in keys]
+    blob = shard_format.pack_shard(
+        zip(keys, labels, [blobs[0], b"not an image", blobs[2]], strict=True)
+    )
+    cut = blob[: blob.index(keys[2][: -len(".jpg")].encode() + b".jpg") + 1000]  # in the third
+    odd = _odd_shards(dogs, "odd-damaged", cut)
+    with caplog.at_level(logging.WARNING):
+        rows = inference.predict(_settings(odd, saved), options, "val-000000.tar")
+    assert [r["key"] for r in rows] == keys[:1]
+    assert f"{keys[1]}" in caplog.text and "val-000000.tar" in caplog.text  # the bad image
+    assert "shard " in caplog.text and "damaged after" in caplog.text  # the cut-off third
+
+
+def test_shard_inference_refuses_a_key_of_a_class_the_model_does_not_know(dogs, saved):
+    from helpers.errors import ParameterError
+
+    keys, blobs = _photos(dogs, 1)
+    stranger = "Images/n99999999-stranger/n99999999_1.jpg"
+    odd = _odd_shards(dogs, "odd-class", [(stranger, 0, blobs[0])])
+    with pytest.raises(ParameterError, match=f"{stranger}: its class 'n99999999-stranger'"):
+        inference.predict(_settings(odd, saved), dogs[1], "val-000000.tar")

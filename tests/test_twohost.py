@@ -132,7 +132,7 @@ def _dask_config(path: Path) -> Path:
 def hosts(tmp_path_factory):
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and the `ip` command (iproute2)")
-    from helpers.s3.server import DUMMY_CREDENTIALS
+    import secrets
 
     x = random.randint(1, 254)
     tag = f"{os.getpid() % 100000}{random.randint(0, 99)}"
@@ -147,8 +147,10 @@ def hosts(tmp_path_factory):
     env |= {
         "PYTHONPATH": str(ROOT),  # this checkout's helpers on the workers and in the kernel
         "DASK_CONFIG": str(_dask_config(logs / "dask.yaml")),
-        "AWS_ACCESS_KEY_ID": DUMMY_CREDENTIALS["key"],  # the embedded server's, as a remote
-        "AWS_SECRET_ACCESS_KEY": DUMMY_CREDENTIALS["secret"],  # cluster's workers get theirs
+        # The embedded server's (off loopback it refuses its fixed ones; it serves these:
+        # --credentials-from-env), as a remote cluster's workers get theirs.
+        "AWS_ACCESS_KEY_ID": f"twohost-{secrets.token_hex(6)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
         "PYTHONUNBUFFERED": "1",
     }
     hosts, made = Hosts(names, addrs, env, logs), []
@@ -216,6 +218,7 @@ def s3_endpoint(hosts, tmp_path_factory):
         data,
         "--host",
         hosts.addrs[0],
+        "--credentials-from-env",
     ]
     proc = hosts.spawn(0, cmd, log.name)
 

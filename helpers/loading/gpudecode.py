@@ -79,14 +79,7 @@ def keep_jpeg(data: bytes, key: str, draft: int | None = None) -> bytes:
     """The datasets' decode hook under GPU decode: the bytes as stored, once PIL has read the
     header (tens of microseconds), so that what is not an image is skipped in the loader, as it
     is on the CPU path; raises :class:`~helpers.errors.BadImageError` naming ``key``."""
-    from PIL import Image
-
-    if not data:
-        raise BadImageError(f"{key}: empty object (0 bytes)")
-    try:
-        Image.open(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
-        raise BadImageError(f"{key}: not a readable image ({err})") from err
+    transforms.opened(data, key)  # raises for no bytes, no image, too many pixels
     return bytes(data)
 
 

@@ -12,9 +12,10 @@ connection, or pause, for a seeded fraction of the requests::
         fs.cat_file("bucket/key")
         proxy.counts()   # {'requests': {'GET': 1}, 'bytes_out': ..., 'bytes_in': 0, ...}
 
-Threaded (one thread per client connection, at most ``max_connections``), HTTP/1.1 keep-alive
-both ways; responses are read whole before they are sent on (fine for images and shards of a
-few MB, not for multi-GB objects).
+Threaded (one thread per client connection, at most ``max_connections``: more wait for a slot),
+HTTP/1.1 keep-alive both ways; a client connection idle for ``idle_s`` is closed, giving its slot
+up, and :meth:`S3Proxy.stop` closes the open ones. Responses are read whole before they are sent
+on (fine for images and shards of a few MB, not for multi-GB objects).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter, deque
+from contextlib import suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -68,7 +70,9 @@ class S3Proxy:
     """A reverse proxy on ``127.0.0.1`` (a free port) to ``upstream``; a context manager.
 
     ``counts()`` and ``reset()`` are thread-safe; ``faults`` may be replaced while it runs;
-    ``log`` holds the last ``max_log`` requests as ``(method, path without query)``.
+    ``log`` holds the last ``max_log`` requests as ``(method, path without query)``. A client
+    connection without a request for ``idle_s`` is closed (a kept-alive pool would otherwise
+    hold every slot); ``timeout`` bounds each upstream request.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class S3Proxy:
         max_connections: int = 64,
         timeout: float = 60.0,
         max_log: int = 100_000,
+        idle_s: float = 5.0,
     ):
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -85,6 +90,7 @@ class S3Proxy:
         self.upstream = (parts.hostname, parts.port or 80)
         self.faults = faults or Faults()
         self.timeout, self.max_connections, self.max_log = timeout, max_connections, max_log
+        self.idle_s = idle_s
         self.url: str | None = None
         self._lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
@@ -110,9 +116,12 @@ class S3Proxy:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket (open connections end with it)."""
+        """Stop serving: end the open client connections and any wait for a slot, then close
+        the listening socket. Returns within a poll interval (0.5 s) or so."""
         if self._server is not None:
+            self._server.close_connections()  # first: the serving thread may wait for a slot
             self._server.shutdown()
+            self._server.close_connections()  # any accepted meanwhile
             self._server.server_close()
             self._server = None
 
@@ -155,24 +164,54 @@ class S3Proxy:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # connections past the slots wait in the backlog, not in SYN retries
 
     def __init__(self, address, handler, max_connections: int):
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        self._stopping = threading.Event()
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
-        self._slots.acquire()  # bounded: a burst of connections waits rather than piling threads
+        # Bounded: a burst of connections waits for a slot rather than piling threads up; idle
+        # connections give theirs up after idle_s, and stop() ends the wait.
+        while not self._slots.acquire(timeout=0.1):
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        if self._stopping.is_set():
+            self._slots.release()
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            self._open.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._done(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._done(request)
+
+    def _done(self, request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        self._slots.release()
+
+    def close_connections(self) -> None:
+        """End every open client connection: its thread, blocked reading, sees the end and
+        finishes (closing it there, so no descriptor is closed under a thread using it)."""
+        self._stopping.set()
+        with self._open_lock:
+            open_now = list(self._open)
+        for request in open_now:
+            with suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
 
 
 def _handler(proxy: S3Proxy) -> type[BaseHTTPRequestHandler]:
@@ -180,6 +219,7 @@ def _handler(proxy: S3Proxy) -> type[BaseHTTPRequestHandler]:
         pass
 
     Handler.proxy = proxy
+    Handler.timeout = proxy.idle_s  # socketserver: the connection's timeout; idle past it, closed
     return Handler
 
 

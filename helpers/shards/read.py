@@ -3,8 +3,9 @@ and batch inference read them so).
 
 A loader process GETs each of its shards whole (one request per shard, never one per image), a
 background thread fetching up to ``depth`` shards ahead while the process decodes the current
-one. Missing or damaged shards and malformed samples are skipped, counted and named, never
-raised: the stream pads the epoch instead.
+one. Missing or damaged shards (:func:`helpers.shards.format.tar_members` trusts no header),
+shards holding another number of samples than the index says, and malformed samples are
+skipped, counted and named, never raised: the stream pads the epoch instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from helpers.errors import StorageError, StorageUnavailable
 from helpers.s3 import presigned, retry, storage
@@ -115,7 +117,7 @@ class Prefetcher:
             return None
         try:
             with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - our endpoint
-                return resp.read()
+                return resp.read(shard_format.MAX_SHARD_BYTES + 1)  # more: the reader refuses it
         except Exception as err:  # noqa: BLE001 - the S3 client tries again and names the error
             if retry.is_transient(err):  # sent again below: a retry like any other
                 retry.count_retry()
@@ -135,10 +137,12 @@ def raw_samples(
     rebuild: str,
     signed: dict | None = None,
     cache: dict | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[tuple[str, bytes, int, str]]:
     """``(key, image bytes, label, shard)`` of samples ``[first, end)`` of each ``(shard name,
     first, end)`` in ``parts``, shards GET whole ``prefetch`` ahead. Bad shards and members are
-    skipped (and, with ``warn``, counted in ``stats`` and logged naming ``rebuild``).
+    skipped (and, with ``warn``, counted in ``stats`` and logged naming ``rebuild``), and so is
+    a shard holding another number of samples than ``counts`` (the index's) says.
     ``signed``: presigned URLs (:func:`presign`) to GET the shards by; ``cache``: see
     :class:`Prefetcher`."""
     names = [name for name, _, _ in parts]
@@ -158,23 +162,54 @@ def raw_samples(
                         *(url, type(blob).__name__, blob, end - first, rebuild),
                     )
                 continue
-            pos = -1
-            try:
-                for pos, (key, members) in enumerate(shard_format.read_shard(blob)):
-                    if pos >= end:
-                        break
-                    if pos >= first:
-                        sample = _sample(key, members, name, classes, stats, warn)
-                        if sample is not None:
-                            yield sample
-            except shard_format.DAMAGED as err:
-                if warn:
-                    stats["damaged_shards"] += 1
-                    log.warning(
-                        "shard %s is truncated or damaged after %d samples (%s); the rest "
-                        "is made up by padding. Rebuild the shards with: %s",
-                        *(url, pos + 1, err, rebuild),
-                    )
+            report = _Report(url, stats, warn, rebuild, (counts or {}).get(name))
+            yield from _shard_samples(blob, name, first, end, classes, report)
+
+
+@dataclass
+class _Report:
+    """Where one shard's damage is counted (``stats``) and named (``url``, ``rebuild``), and
+    how many samples its index entry says it holds (``expected``; None: not known)."""
+
+    url: str
+    stats: dict[str, int]
+    warn: bool
+    rebuild: str
+    expected: int | None
+
+
+def _shard_samples(blob: bytes, name: str, first: int, end: int, classes: int, report: _Report):
+    """The whole samples ``[first, end)`` of one shard's bytes; damage ends it, counted."""
+    pos = -1
+    try:
+        for pos, (key, members) in enumerate(shard_format.read_shard(blob, name)):
+            if pos >= end:
+                break  # one sample past the part: there is more than the index says if it ends
+            if pos >= first:
+                sample = _sample(key, members, name, classes, report.stats, report.warn)
+                if sample is not None:
+                    yield sample
+    except shard_format.DAMAGED as err:
+        if report.warn:
+            report.stats["damaged_shards"] += 1
+            log.warning(
+                "shard %s is truncated or damaged after %d samples (%s); the rest "
+                "is made up by padding. Rebuild the shards with: %s",
+                *(report.url, pos + 1, err, report.rebuild),
+            )
+        return
+    expected = report.expected
+    fewer, more = pos + 1 < end, pos >= end and expected is not None and end >= expected
+    if report.warn and expected is not None and (fewer or more):
+        report.stats["damaged_shards"] += 1
+        log.warning(
+            "shard %s holds %s samples, its index entry says %d: %s. Rebuild the shards with: %s",
+            report.url,
+            pos + 1 if fewer else f"more than {expected}",
+            expected,
+            "the missing ones are made up by padding" if fewer else "the rest are not read",
+            report.rebuild,
+        )
 
 
 def _sample(key: str, members: dict, shard: str, classes: int, stats: dict, warn: bool):

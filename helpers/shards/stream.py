@@ -263,6 +263,7 @@ class ShardStream(IterableDataset):
             rebuild=rebuild_command(self.url),
             signed=self._signed,
             cache=cache,
+            counts=dict(zip(self.names, self.counts, strict=True)),
         )
         if self.train and reading.shuffle_buffer > 1 and not padding:  # padding: as stored
             rng = random.Random(f"{self.share.seed}:{self.epoch}:{self.share.rank}:{worker}")

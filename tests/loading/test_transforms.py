@@ -46,3 +46,22 @@ def test_bad_bytes_name_the_key(blob, why):
 def test_draft_decodes_smaller_but_not_below_target():
     img = transforms.decode_image(_jpeg(size=(480, 400)), "k", draft=100)
     assert 100 <= min(img.size) < 400
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_header_declaring_huge_dimensions_is_refused_before_decoding(fmt):
+    import struct
+    import zlib
+
+    from helpers.loading import gpudecode
+
+    blob = _jpeg(fmt=fmt)
+    if fmt == "PNG":  # IHDR's width and height, its CRC made to match
+        ihdr = b"IHDR" + struct.pack(">II", 12000, 12000) + blob[24:29]
+        blob = blob[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + blob[33:]
+    else:  # baseline SOF0: height, then width
+        sof = blob.index(b"\xff\xc0")
+        blob = blob[: sof + 5] + struct.pack(">HH", 12000, 12000) + blob[sof + 9 :]
+    for read in (transforms.decode_image, gpudecode.keep_jpeg):
+        with pytest.raises(BadImageError, match="k.jpg: declares 12000x12000 pixels, over the"):
+            read(blob, "k.jpg")

@@ -79,3 +79,62 @@ def test_bad_settings_are_refused():
         s3proxy.Faults("503", rate=2)
     with pytest.raises(ValueError, match="upstream="):
         s3proxy.S3Proxy("https://example.com")
+
+
+def _idle_clients(url: str, n: int, timeout: float) -> tuple[list, list]:
+    """``n`` clients, each sending one request on a kept-alive connection and then going idle
+    (the connection left open): the statuses they got, and the connections."""
+    import http.client
+    import threading
+    import urllib.parse
+
+    port = urllib.parse.urlsplit(url).port
+    statuses, conns = [None] * n, []
+
+    def client(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conns.append(conn)
+        try:
+            conn.request("GET", f"/{BUCKET}/obj-0")  # unsigned: any answer will do (403)
+            resp = conn.getresponse()
+            resp.read()
+            statuses[i] = resp.status
+        except OSError as err:
+            statuses[i] = type(err).__name__
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    return statuses, conns
+
+
+def _stops_within(proxy, seconds: float) -> bool:
+    import threading
+
+    stopping = threading.Thread(target=proxy.stop, daemon=True)
+    stopping.start()
+    stopping.join(seconds)
+    return not stopping.is_alive()
+
+
+def test_idle_kept_alive_connections_give_their_slot_up_and_stop_returns(s3, objects):
+    # 70 clients over 64 slots: the last 6 are answered once idle connections are closed
+    # (after idle_s), and stop() returns with connections still open.
+    proxy = s3proxy.S3Proxy(s3.endpoint_url, idle_s=1.0).start()
+    statuses, conns = _idle_clients(proxy.url, 70, timeout=10)
+    assert all(isinstance(s, int) for s in statuses), statuses
+    _idle_clients(proxy.url, 3, timeout=10)  # open and idle when stop() comes
+    assert _stops_within(proxy, 3.0)
+    for conn in conns:
+        conn.close()
+
+
+def test_stop_returns_while_connections_wait_for_a_slot(s3, objects):
+    proxy = s3proxy.S3Proxy(s3.endpoint_url, max_connections=4, idle_s=60).start()
+    statuses, conns = _idle_clients(proxy.url, 6, timeout=1)  # 2 wait for a slot
+    assert sorted(map(str, statuses)) == ["403"] * 4 + ["TimeoutError"] * 2, statuses
+    assert _stops_within(proxy, 3.0)  # not held by the wait, nor by the 4 idle connections
+    for conn in conns:
+        conn.close()

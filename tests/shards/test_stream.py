@@ -250,14 +250,35 @@ def test_corrupt_members_are_skipped_counted_and_named(sharded, caplog):
     assert sum(map(len, epoch)) == len(ds) == 32  # two repeats make up for them
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def _negative_size(blob: bytes) -> bytes:
+    """``blob`` with its second header's size -512 (checksum fixed): a reader that trusts it
+    reads that header again and again."""
+    at = next(pos for pos, _ in _headers(blob))
+    at = next(pos for pos, _ in _headers(blob) if pos > at)
+    header = bytearray(blob[at : at + 512])
+    header[124:136], header[148:156] = b"-0000001000\0", b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return blob[:at] + bytes(header) + blob[at + 512 :]
+
+
+def _headers(blob: bytes):
+    """``(offset, TarInfo)`` of the members tarfile finds."""
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        return [(m.offset, m) for m in tar]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "negative size"])
 def test_a_missing_or_truncated_shard_is_named_and_the_epoch_completes(sharded, caplog, damage):
     url, options, manifest, index = sharded
     fs = storage.filesystem(url, options)
     name = index["splits"]["train"]["shards"][4]["name"]
     blob = fs.cat_file(f"{storage.split_url(shards.location(url))[1]}/{name}")
-    edit = {name: None if damage == "missing" else blob[: len(blob) // 2]}
-    where = _copy_shards(url, options, index, damage, edit)
+    edit = {
+        "missing": {name: None},
+        "truncated": {name: blob[: len(blob) // 2]},
+        "negative size": {name: _negative_size(blob)},
+    }[damage]
+    where = _copy_shards(url, options, index, damage.replace(" ", "-"), edit)
     counts, real = [], Counter()
     with caplog.at_level(logging.WARNING, logger="helpers.shards"):
         for rank in range(2):
@@ -269,6 +290,43 @@ def test_a_missing_or_truncated_shard_is_named_and_the_epoch_completes(sharded, 
     assert f"shard {storage.join(where, name)} is" in caplog.text
     assert "python -m helpers.prepare shards" in caplog.text
     assert set(real.values()) == {1} and 29 <= len(real) < 32  # the rest of the split, once
+
+
+def test_a_shard_holding_other_counts_than_its_index_is_named(sharded, caplog):
+    # The index says shard 1 holds one more sample than it does and shard 3 one fewer: both
+    # are named, and every rank still yields the same number of batches.
+    url, options, manifest, index = sharded
+    edited = json.loads(json.dumps(index))
+    entries = edited["splits"]["train"]["shards"]
+    entries[1]["images"] += 1
+    entries[3]["images"] -= 1
+    where = _copy_shards(url, options, edited, "miscounted")
+    counts = []
+    with caplog.at_level(logging.WARNING, logger="helpers.shards"):
+        for rank in range(2):
+            ds = _stream(url, options, manifest, shards_url=where, rank=rank, world_size=2)
+            counts.append(len(_epoch(ds)))
+    assert counts == [4, 4]
+    for e, held in ((entries[1], 3), (entries[3], "more than 2")):
+        said = f"shard {storage.join(where, e['name'])} holds {held} samples"
+        assert said in caplog.text and f"its index entry says {e['images']}" in caplog.text
+
+
+@pytest.mark.parametrize("presign", [True, False])
+def test_a_refused_shard_is_reported_as_refused_not_as_missing(sharded, caplog, presign):
+    from helpers.errors import StorageError
+
+    url, options, manifest, _ = sharded
+    index = shards.read_index(url, options)
+    refused = {**options, "secret": "not-the-secret"}  # the server answers 403
+    how = stream.Reading(transforms.decode_image, transforms.eval_transform(SIZE), presign=presign)
+    ds = stream.ShardStream(index, url, "val", refused, stream.Share(batch_size=4), how)
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError) as err:
+        next(iter(ds))
+    message = str(err.value)
+    assert message.startswith(f"access to {url}/shards/val-000000.tar at ") and "refused" in message
+    assert "credentials" in message
+    assert "missing" not in message + caplog.text and "Rebuild" not in message + caplog.text
 
 
 def test_an_epoch_gets_each_shard_once_and_no_image(sharded, s3):

@@ -6,11 +6,11 @@ The notebooks' modules (each imported by at least one notebook)::
     data         where the dataset is stored, its layout and manifest, its split, the lazy dataset
     prepare      datasets into S3 (the synthetic dogs, the official archive) and their shards
     measure      loader throughput and per-image statistics; objects against shards
-    ddp          one DDP rank per Dask worker (what torchrun does)
+    ddp          one rank per Dask worker (what torchrun does), for DDP or FSDP
     train        the per-rank training function, its loop and its evaluation
     monitor      metrics from the workers to the notebook, live plots while a job runs
     baseline     chance and what colour alone can tell
-    checkpoint   save, load, resume, and the model cache of inference
+    checkpoint   save, load, resume (DDP's whole, FSDP's sharded), the model cache of inference
     inference    batch prediction, one task per batch of keys or per shard
     plots        figures (each takes ax= and returns the Axes)
 
@@ -24,7 +24,8 @@ The subpackages, lowest first (:data:`LAYERS`)::
     shards/      tar shards: the format, writing, reading, who reads what, a rank's stream
     loading/     images decoded and augmented (CPU or GPU), the per-object dataset, DataLoaders,
                  the batches a training loop receives
-    loop/        the training loop's parts: the network, its bookkeeping, the training state
+    loop/        the training loop's parts: the network, its bookkeeping, the training state,
+                 how the ranks hold it (DDP or FSDP), its checkpoints (whole or sharded)
     jobs/        a DDP job's life: stop, failure causes, restarts; each rank's switch and heartbeat
     run/         the notebooks run headless: papermill, make demo, the scaling sweep
 

@@ -1,27 +1,29 @@
-"""Checkpoints: rank 0 writes them whole, every rank reads the same one, inference keeps a few.
+"""Checkpoints: what a run saves and resumes from, and the model cache of inference.
 
-A checkpoint is one ``checkpoint.pt`` in a folder (local or ``s3://``): model, optimizer,
-scheduler, epoch, config, class list and the epoch's metrics. Loading uses
-``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary code.
+Two kinds, one per strategy. Under DDP rank 0 writes the whole training state in one
+``checkpoint.pt`` (:mod:`helpers.loop.whole`); under FSDP every rank writes its shards, in a new
+folder ``sharded/<UTC time>/`` each time (:mod:`helpers.loop.sharded`). Either holds the
+model, optimizer, scheduler, epoch and data position, config, class list and the epoch's
+metrics; every rank resumes from the same one; inference rebuilds the whole model from either,
+on one machine. A run resumes only a checkpoint of its own strategy. Loading never runs code:
+``torch.load(weights_only=True)``, and DCP's tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import logging
 import os
-import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from helpers.config import STRATEGIES
 from helpers.errors import CheckpointError, NotFound
+from helpers.loop import sharded, whole
 from helpers.loop.model import build_model
-from helpers.s3 import retry, storage
+from helpers.s3 import storage
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
     import torch
@@ -31,92 +33,14 @@ if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run 
 
 log = logging.getLogger(__name__)
 
-NAME = "checkpoint.pt"
-REQUIRED = ("model", "classes", "config")  # what inference needs from a checkpoint
+REQUIRED = ("classes", "config")  # what inference needs from a checkpoint, and the weights
 # What must not change between a run and its resumption: the split, the data, the model, and
 # the batch (a position in an epoch is a count of batches; the learning rate scales with it).
 RESUME_FIELDS = ("data_url", "arch", "image_size", "val_fraction", "seed", "batch_size")
-TRAILER = b"\nhelpers.checkpoint sha256:"  # then 64 hex digits: the digest of all before it
 CACHE_SIZE = 2  # models kept per process for inference (a ResNet-50 is ~100 MB)
 
 _MODELS: OrderedDict[tuple, tuple] = OrderedDict()  # (pid, url, version) -> (model, state, dev)
 _BUILDS = {"count": 0}  # models built in this process: tests check "once per worker"
-
-
-def path(folder: str) -> str:
-    """The checkpoint's URL in ``folder``."""
-    return storage.join(folder, NAME)
-
-
-def save(folder: str, options: dict | None, state: dict, keep: int = 2) -> None:
-    """Write ``state`` whole and verifiably; keep the ``keep`` newest checkpoints.
-
-    The bytes end with a sha256 trailer that :func:`load` checks. A local file is written to a
-    temporary name no one can guess (``.checkpoint.pt.<random>.tmp``, created exclusively: no
-    link planted there is followed), synced, renamed over ``checkpoint.pt`` and the folder
-    synced (a kill or a power cut leaves the previous one whole); an S3 object is one PUT, whole
-    or absent. The previous checkpoint is first renamed ``checkpoint-<UTC time>.pt`` (S3: a
-    server-side copy), and older ones beyond ``keep`` go. Every storage call is retried through
-    transient failures, as reads are (:func:`helpers.s3.retry.retrying`).
-    """
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    blob = buf.getvalue()
-    blob += TRAILER + hashlib.sha256(blob).hexdigest().encode()
-    url = path(folder)
-    protocol, key = storage.split_url(url)
-    fs = storage.filesystem(url, options)
-    where = storage.describe(url, options)
-    with storage.explained(url, options):
-        if retry.retrying(lambda: fs.exists(key), where) and keep > 1:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-            retry.retrying(lambda: fs.mv(key, key[: -len(".pt")] + f"-{stamp}.pt"), where)
-        if protocol == "file":
-            _write_local(key, blob)
-        else:  # S3 objects appear whole or not at all
-            retry.retrying(lambda: fs.pipe_file(key, blob), where)
-        older = _versions(fs, key, where)
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            try:
-                retry.retrying(lambda old=old: fs.rm(old), where)
-            except FileNotFoundError:
-                pass  # gone already: a retried rm whose first answer was lost
-
-
-def _write_local(key: str, blob: bytes) -> None:
-    folder = os.path.dirname(key)
-    os.makedirs(folder, exist_ok=True)
-    # A random name, created exclusively (O_EXCL, mode 0600), in the checkpoint's own folder:
-    # no one can plant a link where it will be, and the rename stays within one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(key)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, key)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename itself is an entry in the folder: sync it, or a power cut may undo it.
-    dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _versions(fs, key: str, where: str) -> list[str]:
-    """The older checkpoints beside ``key``, oldest first (their names sort by time)."""
-    stem = key.rsplit("/", 1)[-1][: -len(".pt")]
-    try:
-        names = retry.retrying(lambda: fs.ls(key.rsplit("/", 1)[0], detail=False), where)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.rsplit("/", 1)[-1].startswith(f"{stem}-"))
 
 
 def state_of(
@@ -131,11 +55,11 @@ def state_of(
 ) -> dict:
     """What :func:`save` writes: the training state after ``epoch`` whole epochs and ``step``
     steps of the next, whose data position is ``position``, with the run's config, classes and
-    number of ranks."""
+    number of ranks (under FSDP, all but the model's and optimizer's shards)."""
     import torch
 
     return {
-        **trained.state_dict(),
+        **trained.state_dict(sharded=cfg.strategy == "fsdp"),
         "epoch": epoch,
         "step": step,
         "position": position,
@@ -144,57 +68,72 @@ def state_of(
         "config": asdict(cfg),
         "classes": list(classes),
         "metrics": metrics,
+        "saved_at": time.time(),
     }
 
 
-def load(folder: str, options: dict | None = None) -> dict | None:
-    """The newest checkpoint dict in ``folder`` (its digest checked), or None if there is none.
-
-    ``checkpoint.pt`` missing while an older one exists (a kill between :func:`save`'s two
-    renames) means the older one. A checkpoint whose digest does not match raises
-    :class:`~helpers.errors.CheckpointError`.
-    """
-    url = path(folder)
-    fs = storage.filesystem(url, options)
-    key = storage.split_url(url)[1]
-    where = storage.describe(url, options)
-    with storage.explained(url, options):
-        try:
-            raw = retry.retrying(lambda: fs.cat_file(key), where)
-        except FileNotFoundError:
-            older = _versions(fs, key, where)
-            if not older:
-                return None
-            url, raw = (
-                f"{url.rsplit('/', 1)[0]}/{older[-1].rsplit('/', 1)[-1]}",
-                retry.retrying(lambda: fs.cat_file(older[-1]), where),
-            )
-    return _verified(raw, url)
+def save(
+    cfg: TrainConfig, options: dict | None, trained: TrainState, rank: Rank, state: dict
+) -> None:
+    """The run's checkpoint in ``cfg.checkpoint_url``, the newest ``keep_checkpoints`` kept:
+    rank 0 writes ``state`` whole (DDP), or every rank its shards and rank 0 ``state`` beside
+    them (FSDP). Every rank calls it."""
+    folder, keep = cfg.checkpoint_url, cfg.keep_checkpoints
+    if cfg.strategy == "fsdp":
+        sharded.save(folder, options, trained, state, keep)
+    elif rank.rank == 0:
+        whole.save(folder, options, state, keep)
 
 
-def _verified(raw: bytes, url: str) -> dict:
-    import torch
+def load(folder: str, options: dict | None = None, strategy: str | None = None) -> dict | None:
+    """The newest checkpoint's record in ``folder``, or None if there is none: DDP's whole
+    state, or FSDP's record with the URL of its shards (``"shards"``). ``strategy`` picks the
+    kind; None: the newer of the two (inference). A checkpoint whose digest does not match
+    raises :class:`~helpers.errors.CheckpointError`."""
+    found = []
+    if strategy in (None, "ddp"):
+        found.append(whole.load(folder, options))
+    if strategy in (None, "fsdp"):
+        latest = sharded.latest(folder, options)
+        found.append(latest[1] | {"shards": latest[0]} if latest else None)
+    found = [s for s in found if s is not None]
+    return max(found, key=lambda s: s.get("saved_at", 0.0)) if found else None
 
-    body, tail = raw[: -len(TRAILER) - 64], raw[-len(TRAILER) - 64 :]
-    if tail.startswith(TRAILER):
-        if hashlib.sha256(body).hexdigest().encode() != tail[len(TRAILER) :]:
+
+def _where(folder: str, strategy: str) -> str:
+    if strategy == "fsdp":
+        return f"{folder.rstrip('/')}/{sharded.FOLDER}/ (FSDP's shards)"
+    return f"{whole.path(folder)} (DDP's whole model)"
+
+
+def check_resume(
+    cfg: TrainConfig, options: dict | None, world_size: int | None = None
+) -> dict | None:
+    """With ``resume=True``: the checkpoint to resume from, refused with an error naming both
+    values if it is another strategy's, another run's, or already past ``epochs``; None when
+    there is nothing to resume (the run starts afresh). Notebooks call it in their first cells,
+    every rank again before loading."""
+    if not cfg.resume:
+        return None
+    state = load(cfg.checkpoint_url, options, cfg.strategy)
+    if state is None:
+        other = next(s for s in STRATEGIES if s != cfg.strategy)
+        exists = sharded.newest if other == "fsdp" else whole.exists
+        if exists(cfg.checkpoint_url, options):
             raise CheckpointError(
-                f"{url} is corrupt: its sha256 does not match its contents (a damaged copy or "
-                "a partial write); delete it to resume from the previous checkpoint"
+                f"cannot resume with strategy={cfg.strategy!r} from {cfg.checkpoint_url}: it "
+                f"holds a checkpoint of strategy={other!r}, {_where(cfg.checkpoint_url, other)}. "
+                f"Resume it with strategy={other!r}, or give another checkpoint_url"
             )
-        raw = body
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not torch.save's format
-        raise CheckpointError(
-            f"{url} is not a readable checkpoint ({type(err).__name__}: {err})"
-        ) from err
+        return None
+    check_resumable(state, cfg, world_size)
+    return state
 
 
 def check_resumable(state: dict, cfg: TrainConfig, world_size: int | None = None) -> None:
     """Refuse to resume from a checkpoint of another run, of another number of ranks or batch
     size (its data position and learning rate would be wrong), or already past ``epochs``."""
-    where = path(cfg.checkpoint_url)
+    where = _where(cfg.checkpoint_url, cfg.strategy)
     changed = [
         f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
         for k in RESUME_FIELDS
@@ -227,36 +166,50 @@ def resume(
     """
     import torch
 
-    state = load(cfg.checkpoint_url, options) if cfg.checkpoint_url else None
-    if state is None or (restart and not cfg.resume and state["config"]["topic"] != cfg.topic):
+    if cfg.resume:
+        state = check_resume(cfg, options, rank.world_size)
+    else:
+        state = load(cfg.checkpoint_url, options, cfg.strategy) if cfg.checkpoint_url else None
+        if state is not None and not (restart and state["config"]["topic"] == cfg.topic):
+            state = None  # not this job's: start afresh
+        if state is not None:
+            check_resumable(state, cfg, rank.world_size)
+    if state is None:
         return 1, 0, None
-    check_resumable(state, cfg, rank.world_size)
+    if "shards" in state:
+        sharded.load_into(trained, state["shards"], options)
     trained.load_state_dict(state)
     if state.get("rng") is not None:
         torch.set_rng_state(state["rng"])
-    step = state.get("step", 0)
-    log.info("resumed from %s at epoch %d step %d", path(cfg.checkpoint_url), state["epoch"], step)
+    step, where = state.get("step", 0), state.get("shards") or whole.path(cfg.checkpoint_url)
+    log.info("resumed from %s at epoch %d step %d", where, state["epoch"], step)
     return state["epoch"] + 1, step, state.get("position")
 
 
 def model_from(folder: str, options: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """``(model, state)``: the trained model rebuilt on the CPU, in eval mode."""
-    where = path(folder)
+    """``(model, state)``: the trained model rebuilt whole on the CPU, in eval mode, from the
+    newest checkpoint of either kind (FSDP's shards gathered here)."""
     state = load(folder, options)
     if state is None:
         raise NotFound(
-            f"no checkpoint at {where}; train first (notebook 04) or check checkpoint_url"
+            f"no checkpoint at {whole.path(folder)} or in {storage.join(folder, sharded.FOLDER)}/;"
+            " train first (notebook 04) or check checkpoint_url"
         )
-    missing = [k for k in REQUIRED if k not in state]
+    where = state.get("shards") or whole.path(folder)
+    needed = [*REQUIRED, *(() if "shards" in state else ("model",))]
+    missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(
             f"{where} is not a checkpoint of helpers.train: it lacks {missing} "
-            f"(expected a dict with {list(REQUIRED)})"
+            f"(expected a dict with {needed})"
         )
     model = build_model(state["config"]["arch"], len(state["classes"]))
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
+        if "shards" in state:
+            sharded.load_model(model, state["shards"], options)
+        else:
+            model.load_state_dict(state["model"])
+    except (RuntimeError, CheckpointError) as err:  # shapes, or shards that would not load
         raise CheckpointError(
             f"{where} does not fit a {state['config']['arch']} with "
             f"{len(state['classes'])} classes: {err}"
@@ -287,7 +240,7 @@ def cached_model(
     while len(_MODELS) > CACHE_SIZE:
         _MODELS.popitem(last=False)
     _BUILDS["count"] += 1
-    log.info("loaded %s on %s", path(folder), device)
+    log.info("loaded the checkpoint in %s on %s", folder, device)
     return _MODELS[key]
 
 
@@ -297,9 +250,6 @@ def builds() -> int:
 
 
 def _version(folder: str, options: dict | None) -> str:
-    url = path(folder)
-    try:
-        info = storage.filesystem(url, options).info(storage.split_url(url)[1])
-    except FileNotFoundError:
-        return ""
-    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+    """What changes when a new checkpoint is written: the whole one's ETag or time, the newest
+    shards' folder."""
+    return f"{whole.version(folder, options)}|{sharded.newest(folder, options)}"

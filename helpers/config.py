@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from helpers.errors import ParameterError
 
-ARCHS = ("resnet50", "resnet18")
+ARCHS = ("resnet50", "resnet18", "wide_resnet50_2", "wide_resnet101_2")
+STRATEGIES = ("ddp", "fsdp")  # a full model per rank (DDP), or one model sharded across them
 AMPS = ("auto", "bf16", "fp16", "off")
 IMAGE_SETS = ("val", "train", "all")
 FORMATS = ("auto", "objects", "shards")  # where the images are read from; "auto": shards if any
@@ -87,7 +88,8 @@ class TrainConfig(JobConfig):
     """Everything a rank needs to train; carried from the notebook to every worker."""
 
     data_url: str  # the folder holding Images/ (and manifest.json)
-    arch: str = "resnet50"  # "resnet50" or "resnet18" (quicker); always from scratch
+    arch: str = "resnet50"  # a torchvision ResNet (ARCHS); always from scratch
+    strategy: str = "ddp"  # "ddp": each rank holds the whole model; "fsdp": a shard of it
     image_size: int = 64  # training resolution; 224 is the usual GPU choice
     epochs: int = 10
     batch_size: int = 16  # per rank: the global batch is batch_size x ranks
@@ -121,6 +123,11 @@ class TrainConfig(JobConfig):
         super().__post_init__()
         allowed("arch", self.arch, ARCHS)
         allowed("amp", self.amp, AMPS)
+        allowed("strategy", self.strategy, STRATEGIES)
+        if self.strategy == "fsdp" and self.amp == "fp16":  # FSDP's own policy: bf16 or none
+            raise ParameterError(
+                "amp='fp16' with strategy='fsdp'; allowed amp with fsdp: 'auto', 'bf16', 'off'"
+            )
         allowed("data_format", self.data_format, TRAIN_FORMATS)
         allowed("decode", self.decode, DECODES)
         _at_least(self, ("image_size",), 32)

@@ -1,9 +1,10 @@
-"""Training from scratch with DistributedDataParallel: the per-rank function and its loops.
+"""Training from scratch, data-parallel: the per-rank function and its loops.
 
 The split follows torchvision's ``references/classification``: :func:`train_one_epoch`,
 :func:`evaluate`, and the per-rank function :func:`train_rank` that :func:`helpers.ddp.run` calls
-on every Dask worker (notebook 04 shows it line by line). Workers return small metric records,
-never the model; rank 0 writes the checkpoints. The data paths sit under it
+on every Dask worker (notebook 04 shows it line by line). The ranks hold the model whole (DDP)
+or sharded (FSDP, ``strategy="fsdp"``: :mod:`helpers.loop.parallel`); the loop is the same.
+Workers return small metric records, never the model. The data paths sit under it
 (:mod:`helpers.loading`: the loop receives :class:`~helpers.loading.batches.Batches`), and so
 does job control (:mod:`helpers.jobs`: the heartbeat, SIGTERM).
 """
@@ -22,8 +23,9 @@ from helpers.errors import Terminated
 from helpers.jobs import rankctl
 from helpers.loading.batches import Batches
 from helpers.loading.loaders import make_loaders
+from helpers.loop import parallel
 from helpers.loop.meter import KeyLog, StepMeter, publish
-from helpers.loop.model import build_model, param_sum
+from helpers.loop.model import build_model
 from helpers.loop.state import TrainState
 from helpers.s3 import retry
 from helpers.show.lines import epoch_line
@@ -154,13 +156,17 @@ def evaluate(trained: TrainState, batches: Batches, device: torch.device, cfg: T
     retried = retry.retries()
     # The bare module, not the DDP wrapper: its forward would broadcast buffers, a collective
     # that ranks with different numbers of validation batches (or none) would never match.
-    model = trained.module.eval()
+    # FSDP's forward is collective (it gathers each block): those ranks go in lockstep.
+    model, sharded = trained.module.eval(), parallel.is_sharded(trained.model)
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
-    with torch.inference_mode(), autocast(device, cfg.amp):
-        for batch in batches:
+    # no_grad under FSDP: inference tensors would stay in the buffers its gathers reuse
+    with torch.no_grad() if sharded else torch.inference_mode(), autocast(device, cfg.amp):
+        for batch in _in_lockstep(batches) if sharded else batches:
             rankctl.beat()
             images, labels, real = batches.to_device(batch, device)
             if not real:  # nothing readable, or only the padding that evens out the ranks
+                if sharded:  # its peers' forward needs this rank's shards
+                    model(images)
                 continue
             logits = model(images).float()
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
@@ -179,6 +185,19 @@ def evaluate(trained: TrainState, batches: Batches, device: torch.device, cfg: T
     }
 
 
+_END = object()
+
+
+def _in_lockstep(batches: Batches):
+    """``batches``, then None (a placeholder) until every rank's have run out."""
+    it = iter(batches)
+    while True:
+        batch = next(it, _END)
+        if not _any_rank(batch is not _END):
+            return
+        yield None if batch is _END else batch
+
+
 def _any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is on any (one tiny all-reduce)."""
     import torch
@@ -192,8 +211,9 @@ def _any_rank(flag: bool) -> bool:
 
 
 class Saver:
-    """Rank 0's checkpoints: every ``checkpoint_every`` steps (with the data position) and at
-    each epoch's end (with the epoch's record). Other ranks' calls do nothing."""
+    """The run's checkpoints: every ``checkpoint_every`` steps (with the data position) and at
+    each epoch's end (with the epoch's record). Rank 0 writes them under DDP, every rank its
+    shards under FSDP; every rank calls."""
 
     def __init__(
         self,
@@ -212,7 +232,7 @@ class Saver:
             self.cfg, self.trained, done, self.classes, record, step, position,
             self.rank.world_size,
         )  # fmt: skip
-        checkpoint.save(self.cfg.checkpoint_url, self.options, state, self.cfg.keep_checkpoints)
+        checkpoint.save(self.cfg, self.options, self.trained, self.rank, state)
 
     def step(self, done: int) -> None:
         """After ``done`` steps of the current epoch: a checkpoint every ``checkpoint_every``
@@ -221,14 +241,10 @@ class Saver:
         :class:`~helpers.errors.Terminated` on every rank."""
         every = self.cfg.checkpoint_every
         leaving = done % self.cfg.log_every == 0 and _any_rank(rankctl.stop_requested())
-        if (
-            self.rank.rank == 0
-            and self.cfg.checkpoint_url
-            and (leaving or every and done % every == 0)
-        ):
+        if self.cfg.checkpoint_url and (leaving or every and done % every == 0):
             self._save(self.epoch - 1, done, self.batches.position(done), {})
             rankctl.beat()  # an upload is progress too
-        if leaving:  # wait for rank 0's checkpoint (an all-reduce is a barrier): a rank that
+        if leaving:  # wait for the checkpoint (an all-reduce is a barrier): a rank that
             _any_rank(False)  # reported first could start the restart before it was written
             url = self.cfg.checkpoint_url
             saved = f"checkpointed in {url}" if url else "no checkpoint (checkpoint_url='')"
@@ -238,7 +254,7 @@ class Saver:
 
     def epoch_end(self, record: dict) -> None:
         """The epoch's checkpoint (when asked for) and its record."""
-        if self.rank.rank == 0 and self.cfg.checkpoint_url:
+        if self.cfg.checkpoint_url:
             self._save(record["epoch"], 0, None, record)
         if self.rank.rank == 0:
             publish(self.cfg.topic, record)
@@ -248,9 +264,8 @@ class Saver:
 def train_rank(
     cfg: TrainConfig, options: dict | None, *, rank: Rank, device: torch.device
 ) -> list[dict]:
-    """One DDP rank, run by :func:`helpers.ddp.run` on every worker; returns epoch records."""
+    """One rank, run by :func:`helpers.ddp.run` on every worker; returns epoch records."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // rank.local_world_size))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -260,9 +275,10 @@ def train_rank(
     split = data.split(manifest, cfg.val_fraction, cfg.seed)
     train_batches, val_batches = make_loaders(cfg, options, manifest, split, rank, device)
 
-    # 2. A model from scratch, wrapped in DDP: backward() averages the gradients of all ranks.
+    # 2. A model from scratch, wrapped in DDP (backward() averages the gradients of all ranks)
+    #    or sharded by FSDP (each rank keeps and steps a shard of it).
     model = to_device(build_model(cfg.arch, len(manifest.classes)), device)
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = parallel.wrap(model, cfg.strategy, device, cfg.amp)
 
     # 3. The learning rate scales with the global batch: ranks x batch_size images per step.
     lr = cfg.lr * cfg.batch_size * rank.world_size / 256
@@ -291,8 +307,9 @@ def train_rank(
         saver.epoch = epoch
         record = train_one_epoch(trained, train_batches, device, epoch, cfg, rank, step, saver.step)
         record |= evaluate(trained, val_batches, device, cfg)  # summed over all ranks
-        record["param_sum"] = param_sum(model)  # the same on every rank: DDP keeps them in step
-        saver.epoch_end(record)  # rank 0 writes the checkpoint: one writer
+        record["param_sum"] = parallel.param_sum(model)  # the same on every rank
+        record |= parallel.footprint(trained, device)  # what this rank holds, in bytes
+        saver.epoch_end(record)  # DDP: rank 0 writes the checkpoint; FSDP: every rank its shard
         history.append(record)
         step, position = 0, None
     return history

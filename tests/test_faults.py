@@ -328,21 +328,26 @@ def _trained_keys(folder) -> dict[int, list[tuple]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["objects", "shards"])
+@pytest.mark.parametrize(
+    "fmt, strategy", [("objects", "ddp"), ("shards", "ddp"), ("shards", "fsdp")]
+)
 def test_a_restarted_and_a_resumed_run_train_on_the_keys_a_straight_run_does(
-    client, own_s3, tmp_path, fmt
+    client, own_s3, tmp_path, fmt, strategy
 ):
     """Resumes proven exact by sample keys: a straight run; one whose rank 1 worker is killed
     mid-epoch (an automatic restart from the last checkpoint); and one cancelled mid-epoch then
-    rerun with resume=True. Every rank trains on the same keys, in the same order, in each."""
+    rerun with resume=True. Every rank trains on the same keys, in the same order, in each.
+    FSDP's run keeps its sharded checkpoints in the embedded S3."""
     server, url = own_s3
     options = server.storage_options
-    base = dict(data_format=fmt, epochs=2, checkpoint_every=1, loader_workers=1)
+    base = dict(data_format=fmt, epochs=2, checkpoint_every=1, loader_workers=1,
+                strategy=strategy)  # fmt: skip
+    where = f"s3://dogs/ck-{tmp_path.name}" if strategy == "fsdp" else str(tmp_path)
 
     def run(name, **kw):
         cfg = _train_config((url, options, None), tmp_path, **base, **kw,
                             keys_log=str(tmp_path / name / "keys"),
-                            checkpoint_url=str(tmp_path / name / "ck"))  # fmt: skip
+                            checkpoint_url=f"{where}/{name}/ck")  # fmt: skip
         return cfg, monitor.Monitor(client, cfg.topic)
 
     straight, _ = run("straight")
@@ -355,6 +360,8 @@ def test_a_restarted_and_a_resumed_run_train_on_the_keys_a_straight_run_does(
     _kill_rank_worker_at(client, watch, 1, step=3)
     job.result(timeout=300)
     assert job.restarts and _trained_keys(restarted.keys_log) == expected
+    resumed_from = checkpoint.load(restarted.checkpoint_url, options, strategy)
+    assert resumed_from["epoch"] == 2 and ("shards" in resumed_from) == (strategy == "fsdp")
 
     interrupted, watch = run("resumed")
     job = ddp.start(client, train.train_rank, interrupted, options)

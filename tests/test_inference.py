@@ -9,6 +9,7 @@ from helpers import checkpoint, data, inference, prepare
 from helpers.cluster import make_client
 from helpers.config import InferenceConfig, TrainConfig
 from helpers.errors import CheckpointError, NotFound
+from helpers.loop import whole
 from helpers.loop.model import build_model
 
 
@@ -20,7 +21,7 @@ def saved(dogs, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("resnet18", len(manifest.classes))
     cfg = TrainConfig(data_url=url, arch="resnet18", image_size=32)
-    checkpoint.save(
+    whole.save(
         folder,
         None,
         {
@@ -74,12 +75,12 @@ def test_missing_checkpoint_names_the_url(tmp_path):
 
 
 def test_incompatible_checkpoint_says_what_was_expected(tmp_path, saved):
-    checkpoint.save(str(tmp_path / "odd"), None, {"weights": {}})
+    whole.save(str(tmp_path / "odd"), None, {"weights": {}})
     with pytest.raises(ValueError, match=r"odd/checkpoint.pt is not a checkpoint.*'classes'"):
         checkpoint.cached_model(str(tmp_path / "odd"))
     state = checkpoint.load(saved)
     state["classes"] = state["classes"] + ["n00000000-extra"]
-    checkpoint.save(str(tmp_path / "wrong"), None, state)
+    whole.save(str(tmp_path / "wrong"), None, state)
     with pytest.raises(CheckpointError, match="does not fit a resnet18 with 5 classes"):
         checkpoint.cached_model(str(tmp_path / "wrong"))
 

@@ -39,8 +39,3 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
         weights=None, num_classes=num_classes, zero_init_residual=True
     )
     return Normalized(net)
-
-
-def param_sum(model: torch.nn.Module) -> float:
-    """One number per model: equal on every rank when DDP keeps the replicas in step."""
-    return float(sum(p.detach().double().sum() for p in model.parameters()))

@@ -114,9 +114,11 @@ def filesystem(url: str, options: dict | None = None) -> AbstractFileSystem:
     return fs
 
 
-def _s3(options: dict):
-    import s3fs
-
+def s3fs_kwargs(options: dict | None) -> dict:
+    """The keyword arguments of ``s3fs.S3FileSystem`` for ``options``: the endpoint, short
+    timeouts, no hidden retries (mid-run retries are ours: :func:`helpers.s3.retry.retrying`).
+    Also for libraries that build their own filesystem from a URL (DCP's fsspec writer)."""
+    options = dict(options or {})
     endpoint = options.pop("endpoint_url", None)
     client_kwargs = dict(options.pop("client_kwargs", {}))
     if endpoint:
@@ -131,12 +133,18 @@ def _s3(options: dict):
     # max_concurrency=1: otherwise s3fs sends a HEAD (for the size) before every GET, to decide
     # whether to split it into ranged GETs; images are small, so that only doubles the requests.
     options.setdefault("max_concurrency", 1)
-    fs = s3fs.S3FileSystem(
-        skip_instance_cache=True,  # our own per-process cache replaces fsspec's
-        client_kwargs=client_kwargs,
-        config_kwargs=config,
+    return {
+        "skip_instance_cache": True,  # our own per-process cache replaces fsspec's
+        "client_kwargs": client_kwargs,
+        "config_kwargs": config,
         **options,
-    )
+    }
+
+
+def _s3(options: dict):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3fs_kwargs(options))
     fs.retries = 1  # one attempt: mid-run retries are ours (retrying), counted and bounded
     return fs
 

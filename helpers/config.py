@@ -164,7 +164,7 @@ class InferenceConfig:
     """Notebook 05's settings: which images to predict, with which checkpoint, in what tasks."""
 
     data_url: str  # the folder holding Images/
-    checkpoint_url: str  # the folder notebook 04 wrote checkpoint.pt to
+    checkpoint_url: str  # the folder notebook 04 trained into (DDP checkpoint.pt or FSDP shards)
     images: str = "val"  # "val", "train" or "all"
     max_images: int = 400  # at most this many of them
     keys_per_task: int = 50  # images per Dask task (per-object path; a shard is one task)

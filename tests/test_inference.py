@@ -172,3 +172,36 @@ def test_shard_inference_refuses_a_key_of_a_class_the_model_does_not_know(dogs, 
     odd = _odd_shards(dogs, "odd-class", [(stranger, 0, blobs[0])])
     with pytest.raises(ParameterError, match=f"{stranger}: its class 'n99999999-stranger'"):
         inference.predict(_settings(odd, saved), dogs[1], "val-000000.tar")
+
+
+def test_a_sharded_checkpoint_in_s3_predicts_what_the_whole_one_does(dogs, saved, tmp_path):
+    """FSDP's checkpoint (every rank's shards, here one rank's) gathered whole for inference:
+    the same weights as ``saved``, so the same predictions and probabilities."""
+    import torch.distributed as dist
+
+    from helpers.loop import parallel, sharded
+    from helpers.loop.state import TrainState
+
+    url, options, manifest = dogs
+    state = whole.load(saved)
+    folder = f"s3://dogs/fsdp-{tmp_path.name}"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rv", rank=0, world_size=1)
+    try:
+        model = build_model("resnet18", len(manifest.classes))
+        model.load_state_dict(state["model"])
+        model = parallel.wrap(model, "fsdp", torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        trained = TrainState(model, torch.nn.CrossEntropyLoss(), opt, sched)
+        meta = {k: state[k] for k in ("epoch", "config", "classes", "metrics")}
+        sharded.save(
+            folder, options, trained, meta | {"config": {**meta["config"], "strategy": "fsdp"}}
+        )
+    finally:
+        dist.destroy_process_group()
+    keys = list(manifest.keys[::7])
+    rows = inference.predict(_settings(url, folder), options, keys)
+    want = inference.predict(_settings(url, saved), options, keys)
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in want]
+    assert [r["probability"] for r in rows] == pytest.approx([r["probability"] for r in want])
+    assert checkpoint.cached_model(folder, options)[1]["shards"].startswith(f"{folder}/sharded/")

@@ -125,23 +125,58 @@ def stream_loader(
 
 def _processes(num_workers: int, prefetch: int) -> dict:
     """A DataLoader's settings for its processes: batches each keeps ready, where they come
-    from, and their storage retries counted in this process's count."""
+    from, and what each does as it starts (:class:`LoaderProcess`)."""
+    import os
+
     if not num_workers:
         return {}
     return {
         "prefetch_factor": prefetch,
         "multiprocessing_context": loader_context(),
-        "worker_init_fn": CountRetries(retry.retry_counter()),
+        "worker_init_fn": LoaderProcess(retry.retry_counter(), os.getpid()),
     }
 
 
-class CountRetries:
-    """A DataLoader's ``worker_init_fn``: the loader process counts its storage retries in the
-    rank's :func:`helpers.s3.retry.retries`. Handed over as the process starts, as Dask's
-    workers start theirs by spawning, which inherits nothing."""
+class LoaderProcess:
+    """A DataLoader's ``worker_init_fn``, handed over as the process starts (Dask's workers
+    start theirs by spawning, which inherits nothing):
 
-    def __init__(self, counter) -> None:
-        self.counter = counter
+    - the loader process counts its storage retries in the rank's
+      :func:`helpers.s3.retry.retries`;
+    - it leaves within :data:`OWNER_CHECK_S` of the process that made the loader (``owner``)
+      dying. PyTorch's own check watches the parent, which under a forkserver is the forkserver:
+      a Dask worker killed (out of memory, a lost node) left its loader processes waiting
+      forever, and they, holding the forkserver's lifeline, kept it too (17 GB of them after a
+      few killed workers).
+    """
+
+    def __init__(self, counter, owner: int) -> None:
+        self.counter, self.owner = counter, owner
 
     def __call__(self, worker_id: int) -> None:
+        import threading
+
         retry.use_retry_counter(self.counter)
+        threading.Thread(target=_exit_with, args=(self.owner,), daemon=True).start()
+
+
+OWNER_CHECK_S = 1.0
+
+
+def _exit_with(owner: int) -> None:
+    """Exit this process as soon as ``owner`` is gone (or only a zombie)."""
+    import os
+    import time
+
+    while True:
+        time.sleep(OWNER_CHECK_S)
+        try:
+            os.kill(owner, 0)
+            with open(f"/proc/{owner}/stat", "rb") as f:  # Linux: a zombie has died
+                dead = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        except ProcessLookupError:
+            dead = True
+        except OSError:  # no /proc (macOS): os.kill answered, so it lives
+            dead = False
+        if dead:
+            os._exit(0)

@@ -6,8 +6,8 @@ A running Dask task cannot be interrupted from outside (``client.cancel`` only f
 - :func:`stop` raises :class:`~helpers.errors.Stopped` in the rank's thread
   (``PyThreadState_SetAsyncExc``). It lands at the next Python bytecode: between steps, when a
   DataLoader wait returns (every 5 s at most), or when a collective returns because a peer
-  closed its process group. A rank stuck in C for longer than
-  :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker. A stop is sent
+  closed its process group; never inside an import, which it waits for. A rank stuck in C for
+  longer than :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker. A stop is sent
   only while the rank's thread runs the rank (a lock decides), and one still pending when the
   rank ends is withdrawn: it never lands in Dask's thread pool, whose threads are not replaced;
 - a watchdog beside each rank stops it when its task is no longer wanted: cancelled, or its
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 WATCH_S = 2.0  # how often a rank's watchdog asks whether its task is still wanted
 GRACE_S = 30.0  # how long a signalled or closing worker waits for its rank's checkpoint
+IMPORT_WAIT_S = 0.05  # a stop waits for the rank's import to finish, checking this often
 
 _LOCK = threading.Lock()  # a stop is sent, and a rank ends, one at a time
 _RANKS: dict[str, dict] = {}  # job -> {"thread", "beat", "steps", "stop", "running"}
@@ -124,12 +125,27 @@ def stop(job: str) -> bool:
         entry = _RANKS.get(job)
         if entry is None or entry["stop"] or not entry["running"]:
             return False
+        if _importing(entry["thread"]):  # later: an import cut short can poison the process
+            threading.Timer(IMPORT_WAIT_S, stop, (job,)).start()
+            return True
         entry["stop"] = True
         sent = ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(entry["thread"]), ctypes.py_object(Stopped)
         )
     log.warning("stopping DDP job %s in this worker (%d thread)", job, sent)
     return bool(sent)
+
+
+def _importing(thread: int) -> bool:
+    """Whether ``thread`` is inside an import. A stop must not land there: Python forgets the
+    half-imported module, but not what its C code registered, so importing it again fails for
+    the life of the process (torch: "duplicate registrations for aten...")."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code.co_filename == "<frozen importlib._bootstrap>":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def running() -> list[str]:

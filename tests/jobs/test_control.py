@@ -14,7 +14,7 @@ import pytest
 from helpers import ddp, monitor
 from helpers.cluster import make_client
 from helpers.config import JobConfig
-from helpers.errors import Cancelled, RankHung, SchedulerLost
+from helpers.errors import Cancelled, RankHung, SchedulerLost, Stopped
 from helpers.jobs import control as jobs
 from helpers.jobs import rankctl
 from helpers.loop.meter import publish
@@ -334,3 +334,32 @@ def test_ranks_stop_when_their_client_dies_and_the_next_job_runs_alone(tmp_path)
         finally:
             child.kill()
         assert ddp.run(c, _sum, lock_timeout_s=60, timeout_s=60) == [0, 1]
+
+
+def test_a_stop_waits_for_the_ranks_import_to_finish(tmp_path, monkeypatch):
+    """A stop that lands inside an import leaves a half-imported module that, for torch, can never
+    be imported again in that worker ("duplicate registrations"): the stop waits for the import
+    to finish, then lands."""
+    (tmp_path / "slow_import_for_stop.py").write_text("import time\ntime.sleep(1.0)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    outcome = {}
+
+    def rank():
+        try:
+            with rankctl.registered("import-job"):
+                import slow_import_for_stop  # noqa: F401
+
+                outcome["imported"] = True
+                for _ in range(100):  # the stop lands between these
+                    time.sleep(0.05)
+        except Stopped:
+            outcome["stopped"] = True
+
+    thread = threading.Thread(target=rank)
+    thread.start()
+    time.sleep(0.3)  # inside the import's sleep
+    rankctl.stop("import-job")
+    thread.join(10)
+    assert outcome == {"imported": True, "stopped": True}
+    assert sys.modules["slow_import_for_stop"].DONE
+

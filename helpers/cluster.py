@@ -114,12 +114,15 @@ def make_client(
     tls: bool = False,
     timeout: str = "20s",
     tls_dir: str = "",
+    memory_limit: str | None = None,
 ) -> Client:
     """A :class:`distributed.Client` for ``cluster`` (see the module docstring).
 
     ``n_workers`` applies to local clusters (default: one per core, or one per GPU); ``tls``
     encrypts a local cluster's traffic with a throw-away certificate; ``tls_dir``: the
-    certificate files for a ``tls://`` scheduler.
+    certificate files for a ``tls://`` scheduler. ``memory_limit`` (local clusters, such as
+    ``"2 GiB"``): each worker's; its nanny restarts a worker that goes over 95% of it (Dask's
+    default: the machine's memory shared among the workers).
     """
     from distributed import LocalCluster
 
@@ -138,8 +141,10 @@ def make_client(
         cluster = "cuda" if gpu_count() else "local"
     security = _temporary_security() if tls else None
     protocol = "tls://" if tls else "tcp://"
+    memory = {"memory_limit": memory_limit} if memory_limit else {}
     if cluster == "cuda":
-        return OwningClient(_cuda_cluster(n_workers, security, protocol), security=security)
+        cuda = _cuda_cluster(n_workers, security, protocol, memory)
+        return OwningClient(cuda, security=security)
     n_workers = n_workers or os.cpu_count() or 1
     local = LocalCluster(
         n_workers=n_workers,
@@ -149,6 +154,7 @@ def make_client(
         dashboard_address="127.0.0.1:0",
         protocol=protocol,
         security=security,
+        **memory,
     )
     return OwningClient(local, security=security)
 
@@ -165,7 +171,7 @@ class OwningClient(Client):
         return result
 
 
-def _cuda_cluster(n_workers, security, protocol):
+def _cuda_cluster(n_workers, security, protocol, memory: dict):
     try:
         from dask_cuda import LocalCUDACluster
 
@@ -176,6 +182,7 @@ def _cuda_cluster(n_workers, security, protocol):
             dashboard_address="127.0.0.1:0",
             protocol=protocol,
             security=security,
+            **memory,
         )
     except Exception as err:  # noqa: BLE001 - NVMLError_LibraryNotFound and friends
         if gpu_count() == 0:

@@ -189,10 +189,27 @@ def check_alive(client: Client, ranks: list, ids: dict) -> None:
     now = worker_ids(client, ranks)
     for r in ranks:
         if now.get(r.worker) != ids.get(r.worker):
-            raise WorkerLost(
-                f"DDP rank {r.rank}: its worker {r.worker} died (killed by the system, e.g. "
-                "out of memory, or crashed); see that worker's nanny log for the signal"
+            raise WorkerLost(f"DDP rank {r.rank}: its worker {r.worker} {_death(client, r.worker)}")
+
+
+def _death(client: Client, worker: str, within_s: float = 300.0) -> str:
+    """How ``worker`` died, as far as the cluster knows: its nanny's memory monitor says when
+    it restarted a worker over its memory limit (an event on the scheduler)."""
+    try:
+        events = client.get_events("worker-restart-memory")
+    except Exception:  # noqa: BLE001 - an older scheduler, a closing client: no cause known
+        events = ()
+    for stamp, event in reversed(events):
+        if event.get("worker") == worker and time.time() - stamp < within_s:
+            return (
+                f"went over its memory limit ({event['rss'] / 2**30:.2f} GiB resident) and its "
+                "nanny restarted it: give the workers more memory (memory_limit), or hold less "
+                "per rank (a smaller batch, strategy='fsdp')"
             )
+    return (
+        "died (killed by the system, e.g. out of memory, or crashed); see that worker's "
+        "nanny log for the signal"
+    )
 
 
 def check_progress(client: Client, job: str, ranks: list, hang_s: float) -> None:

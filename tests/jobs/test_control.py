@@ -14,7 +14,7 @@ import pytest
 from helpers import ddp, monitor
 from helpers.cluster import make_client
 from helpers.config import JobConfig
-from helpers.errors import Cancelled, RankHung, SchedulerLost, Stopped
+from helpers.errors import Cancelled, RankHung, SchedulerLost, Stopped, WorkerLost
 from helpers.jobs import control as jobs
 from helpers.jobs import rankctl
 from helpers.loop.meter import publish
@@ -363,3 +363,22 @@ def test_a_stop_waits_for_the_ranks_import_to_finish(tmp_path, monkeypatch):
     assert outcome == {"imported": True, "stopped": True}
     assert sys.modules["slow_import_for_stop"].DONE
 
+
+def _outgrow(*, rank, device):
+    """Rank 1 holds more than its worker may; both then wait, beating."""
+    import numpy as np
+
+    held = np.ones(int(1.2 * 2**30), dtype=np.uint8) if rank.rank == 1 else None
+    for _ in range(600):
+        time.sleep(0.1)
+        rankctl.beat()
+    return held is None
+
+
+def test_a_worker_over_its_memory_limit_is_named_with_that_cause():
+    """The nanny restarts a worker past 95% of its memory limit; the job's error names the
+    worker and says it went over its limit, not only that it died."""
+    with make_client("local", n_workers=2, memory_limit="1GiB") as c:
+        with pytest.raises(WorkerLost, match="went over its memory limit") as caught:
+            ddp.run(c, _outgrow, timeout_s=60)
+    assert "rank 1" in str(caught.value) and "tcp://127.0.0.1:" in str(caught.value)

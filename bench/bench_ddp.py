@@ -212,8 +212,12 @@ def time_torchrun(cfg: dict[str, Any]) -> dict[str, Any]:
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
         )
         finished = time.time()
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        if proc.returncode != 0:  # the ranks' own words come before torchrun's traceback
+            ranks, _, launcher = proc.stderr.rpartition("Traceback (most recent call last)")
+            raise RuntimeError(
+                f"torchrun failed ({proc.returncode}); its ranks said:\n{ranks[-6000:]}\n"
+                f"torchrun:\n{launcher[-2000:]}"
+            )
         return _record(json.loads(out.read_text()), launched, finished)
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check install lab s3 bench bench-loading bench-ddp bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install lab s3 bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.run.demo
@@ -44,7 +44,7 @@ lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebook
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3.server serve --dir .s3data
 
-bench: bench-loading bench-ddp bench-report  ## CPU benchmarks, each writing a record to bench/results/
+bench: bench-loading bench-ddp bench-fsdp bench-report  ## CPU benchmarks, each writing a record to bench/results/
 
 bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder and the peers (2 runs)
 	$(BIN)/python -m bench.bench_loading --images photos
@@ -52,6 +52,9 @@ bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder a
 
 bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
 	$(BIN)/python -m bench.bench_ddp
+
+bench-fsdp: $(STAMP)  ## per-rank state, peak memory and step time: FSDP vs DDP
+	$(BIN)/python -m bench.bench_fsdp
 
 bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
 	$(BIN)/python -m bench.bench_gpu

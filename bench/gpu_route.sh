@@ -13,13 +13,15 @@
 # `run` ends within BUDGET_S (6 minutes), wheel install included: the benchmark starts no pass
 # that would end past its share (the most telling passes go first, and its record is rewritten
 # after every pass, to bench/results/ and to $OUT where the runner sets it), then `pytest -m gpu`
-# gets 2 minutes and its summary line joins the record. With network and `make install`, a GPU
-# machine runs the same benchmark with `make bench-gpu`.
+# gets 2 minutes and its summary line joins the record; then bench/bench_fsdp.py (one NCCL rank,
+# FSDP against DDP; tiny sizes on a CPU) gets 75 s for a record of its own, noted in the route's.
+# With network and `make install`, a GPU machine runs the same benchmark with `make bench-gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET_S=${BUDGET_S:-360}
 TESTS_S=120
+FSDP_S=75
 START=$(date +%s)
 
 # The route after the wheels are in: the benchmark within the time left, then the GPU tests.
@@ -27,7 +29,7 @@ START=$(date +%s)
 route() {
     local py=$1 results=$2 left bench_s rec
     left=$((BUDGET_S - ($(date +%s) - START)))
-    bench_s=$((left - TESTS_S - 15))
+    bench_s=$((left - TESTS_S - FSDP_S - 15))
     echo "== bench_gpu: ${bench_s} s of the ${BUDGET_S} s budget"
     timeout -k 10 $((bench_s + 20)) "$py" -m bench.bench_gpu --backend moto \
         --budget-s "$bench_s" --out "$results" | tee "${OUT:-$results}/bench_gpu.txt" || true
@@ -41,6 +43,14 @@ route() {
     line=${line:-"no summary line: pytest -m gpu ended after ${TESTS_S} s (see $log)"}
     echo "$line"
     "$py" -m bench.bench_gpu --note "$rec" "pytest -m gpu" "$line"
+    echo "== bench_fsdp: one NCCL rank a GPU, FSDP against DDP (at most ${FSDP_S} s)"
+    local sizes="--cluster cuda --batch 64 --image 224 --steps 10"
+    "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" ||
+        sizes="--arch resnet18 --batch 4 --image 32 --steps 2"  # the rehearsal's CPU
+    timeout -k 5 "$FSDP_S" "$py" -m bench.bench_fsdp $sizes --repeats 1 --records "$results" \
+        > "${OUT:-$results}/bench_fsdp.txt" 2>&1 || true
+    line=$(grep -E "^median:|^record:" "${OUT:-$results}/bench_fsdp.txt" | tr '\n' ' ')
+    "$py" -m bench.bench_gpu --note "$rec" "bench_fsdp" "${line:-"no result within ${FSDP_S} s"}"
     echo "== record: $rec ($(($(date +%s) - START)) s in all)"
 }
 

@@ -8,6 +8,7 @@ The notebooks' modules (each imported by at least one notebook)::
     measure      loader throughput and per-image statistics; objects against shards
     ddp          one rank per Dask worker (what torchrun does), for DDP or FSDP
     train        the per-rank training function, its loop and its evaluation
+    memory       what one rank holds while it trains (DDP against FSDP), measured on the workers
     monitor      metrics from the workers to the notebook, live plots while a job runs
     baseline     chance and what colour alone can tell
     checkpoint   save, load, resume (DDP's whole, FSDP's sharded), the model cache of inference

@@ -44,6 +44,14 @@ DASK_CONFIG = {
     # restarted). Our nannies live in this process and only go when the cluster closes.
     "distributed.deploy.lost-worker-timeout": "1 day",
 }
+# Under a memory limit: a training rank's tensors are memory Dask does not manage (it cannot
+# spill them), so its warnings and its pausing at 60-80% only add noise; the nanny's restart at
+# 95% of the limit stays.
+QUIET_UNDER_A_LIMIT = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+}
 
 
 def apply_dask_config() -> None:
@@ -142,6 +150,10 @@ def make_client(
     security = _temporary_security() if tls else None
     protocol = "tls://" if tls else "tcp://"
     memory = {"memory_limit": memory_limit} if memory_limit else {}
+    if memory_limit:  # training holds memory Dask cannot spill: only the 95% restart applies
+        import dask
+
+        dask.config.set(QUIET_UNDER_A_LIMIT)
     if cluster == "cuda":
         cuda = _cuda_cluster(n_workers, security, protocol, memory)
         return OwningClient(cuda, security=security)

@@ -181,3 +181,30 @@ def scaling(
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+def footprint(rows: Sequence[dict], limit_mib: float | None = None, ax: Axes | None = None) -> Axes:
+    """What each job's rank 0 held (parameters, gradients, optimizer state: stacked bars) and its
+    peak memory (a marker), one bar per job (``helpers.memory.per_rank`` rows), with the
+    workers' memory limit as a line; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.8))
+    jobs = [r for r in rows if r["rank"] == 0]
+    names = [f"{r['arch']}\n{r['strategy'].upper()}" for r in jobs]
+    bottom = [0.0] * len(jobs)
+    for key, label in (("param_mib", "parameters"), ("grad_mib", "gradients"),
+                       ("optim_mib", "optimizer state")):  # fmt: skip
+        values = [r[key] for r in jobs]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.plot(names, [r["peak_mib"] for r in jobs], "k_", markersize=30, mew=2,
+            label=f"peak ({jobs[0]['peak_of']})" if jobs else "peak")  # fmt: skip
+    if limit_mib:
+        ax.axhline(limit_mib, color="red", ls="--", label="the workers' memory limit")
+    ax.set_ylabel("MiB per rank")
+    ax.set_title("What one rank holds while it trains")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, covering nothing
+    ax.grid(axis="y", alpha=0.3)
+    return ax

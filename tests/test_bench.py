@@ -159,3 +159,15 @@ def test_demo_accuracy_record_checks_every_claim_against_its_runs():
     ]
     few = [p for p in done if p["seed"] == 0]
     assert not all(t["met"] for t in acc.targets(few)[0])
+
+
+@pytest.mark.bench
+def test_fsdp_benchmark_measures_both_strategies_and_records_both_targets(tmp_path):
+    bench = _load("bench_fsdp")
+    result = bench.run(arch="resnet18", batch=4, image=32, steps=2, repeats=1)
+    strategies = {(p["strategy"], p["rank"]) for p in result["passes"]}
+    assert strategies == {("ddp", 0), ("ddp", 1), ("fsdp", 0), ("fsdp", 1)}
+    assert 0.45 < result["median_ratios"]["state"] < 0.55  # half the state, measured
+    targets = bench.to_record(result)["targets"]
+    assert [t["target"] for t in targets] == [bench.STATE_TARGET, bench.STEP_TARGET]
+    assert targets[0]["met"]

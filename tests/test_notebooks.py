@@ -25,6 +25,7 @@ SMALL = {
     "04": {**TINY_DOGS, **TINY_TRAINING, "epochs": 2},
     "05": {"data_url": "s3://dogs/notebooks", "max_images": 40, "keys_per_task": 10},
     "06": {},
+    "07": {**TINY_DOGS, "arch": "resnet18", "image_size": 32, "max_steps": 2},
 }
 KEPT = ["01", "02"]  # notebooks with outputs kept on purpose, for nbval
 
@@ -172,6 +173,17 @@ def test_sweep_runs_notebook_04_per_worker_count_and_06_plots_it(s3, tmp_path):
     runs = sweep.results(tmp_path / "sweep")
     assert list(runs.workers) == [1, 2] and (runs.img_per_s > 0).all()
     _run("06", {"sweep_dir": str(tmp_path / "sweep")}, tmp_path)
+
+
+def test_fsdp_notebook_trains_the_model_ddp_cannot_fit(s3, tmp_path):
+    """Notebook 07: the per-rank state measured for both strategies, the big model's DDP job
+    failing on the workers' memory limit, and FSDP training it on the same workers."""
+    params = {"s3_endpoint": "embedded", "s3_data_dir": str(s3.data_dir), **SMALL["07"]}
+    nb = _run("07", params, tmp_path)
+    assert "state 0.50x" in _output(nb, "by = {")
+    failed = _output(nb, 'jobs[big_arch, "ddp"]')
+    assert "WorkerLost" in failed and "went over its memory limit" in failed
+    assert "wide_resnet101_2" in _output(nb, 'jobs[big_arch, "fsdp"]')
 
 
 def test_every_notebook_is_tested():

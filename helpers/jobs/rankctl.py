@@ -7,9 +7,10 @@ A running Dask task cannot be interrupted from outside (``client.cancel`` only f
   (``PyThreadState_SetAsyncExc``). It lands at the next Python bytecode: between steps, when a
   DataLoader wait returns (every 5 s at most), or when a collective returns because a peer
   closed its process group; never inside an import, which it waits for. A rank stuck in C for
-  longer than :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker. A stop is sent
-  only while the rank's thread runs the rank (a lock decides), and one still pending when the
-  rank ends is withdrawn: it never lands in Dask's thread pool, whose threads are not replaced;
+  longer than :data:`helpers.jobs.control.STOP_GRACE_S` is ended by restarting its worker. A
+  stop is sent only while the rank's thread runs the rank (a lock decides), and one still
+  pending when the rank ends is withdrawn: it never lands in Dask's thread pool, whose threads
+  are not replaced;
 - a watchdog beside each rank stops it when its task is no longer wanted: cancelled, or its
   client gone (a notebook kernel that died, a client that left a remote cluster), within
   :data:`WATCH_S`, so no rank trains on with nobody to report to;

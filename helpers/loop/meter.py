@@ -9,6 +9,7 @@ Records go to the job's Dask event topic (:func:`publish`), where the notebook's
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ class StepMeter:
         self.wait = self.window_wait = 0.0
         self.next_batch_s = self.wait_s = 0.0  # the epoch's data wait, and its first stage
         self.start = self.window_start = self.tick = time.perf_counter()
+        self.step_s: list[float] = []  # each step's time, data wait included
 
     def fetched(self) -> None:
         """Call when the loader has handed over a batch: the time since the last step went to
@@ -88,6 +90,7 @@ class StepMeter:
         self.loss += loss.detach() * len(labels)
         self.correct += (logits.argmax(1) == labels).sum()
         self.window_seen += len(labels)
+        self.step_s.append(time.perf_counter() - self.tick)
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.steps:
             self._publish(step, lr)
         self.tick = time.perf_counter()
@@ -135,4 +138,5 @@ class StepMeter:
             "wait_next_batch_s": self.next_batch_s,  # waiting for the loader's next batch
             "wait_to_device_s": self.wait_s - self.next_batch_s,  # copy (GPU: decode, augment)
             "epoch_s": elapsed,
+            "median_step_s": statistics.median(self.step_s) if self.step_s else None,
         }

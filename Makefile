@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check install lab s3 bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install browser lab s3 bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.run.demo
 
-test: $(STAMP) lint  ## lint, then the helpers' tests, every notebook headless and nbval's kept outputs
+test: $(STAMP) browser lint  ## lint, then the helpers' tests, every notebook headless and nbval's kept outputs
 	$(BIN)/python -m pytest
 
 check: $(STAMP) lint  ## the fast tier, for the edit-test loop: no cluster, notebook, browser or benchmark
@@ -27,11 +27,14 @@ $(STAMP): pyproject.toml kernel/pyproject.toml kernel/kernel.json
 	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1; } || \
 	  echo "note: Graphviz's 'dot' is missing: notebook 01 will describe task graphs in words"
-	@# tests/test_browser.py drives JupyterLab in Debian's Chromium through Selenium's chromedriver.
+	touch $(STAMP)
+
+# Test-only system packages, for the test route alone (`make demo` and `make lab` need no browser):
+# tests/test_browser.py drives JupyterLab in Debian's Chromium through Selenium's chromedriver.
+browser:
 	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
 	  echo "note: no chromium/chromedriver: tests/test_browser.py will skip"
-	touch $(STAMP)
 
 # jupyter/jupyter_server_config.py: on a hub or Binder, the Dask dashboard link goes through the hub's
 # proxy. Root (a container) needs --allow-root. The Dask and GPU panels come with `make install`.

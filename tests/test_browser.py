@@ -71,7 +71,7 @@ def _browser() -> tuple[str, str] | None:
 @pytest.fixture(scope="module")
 def browser_paths():
     found = _browser()
-    reason = "no chromium + chromedriver (`make install` installs Debian's when run as root)"
+    reason = "no chromium + chromedriver (`make test` installs Debian's when run as root)"
     try:
         import selenium  # noqa: F401
     except ImportError:

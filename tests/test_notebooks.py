@@ -66,8 +66,10 @@ def _output(nb, needle: str) -> str:
     return "\n".join(parts)
 
 
-def test_dask_basics_notebook(s3, tmp_path):
+def test_dask_basics_notebook(s3, tmp_path, capfd):
     nb = _run("01", _params("01", s3, tmp_path), tmp_path)
+    said = capfd.readouterr()  # the kernel's own stderr is this process's
+    assert "without encryption" not in said.err + said.out  # over IPC: no TCP port to warn of
     assert "[1, 2, 3, 4, 5, 6]" in _output(nb, "client.gather(futures)")
     assert "7 partitions -> a graph of" in _output(nb, "by_name.__dask_graph__()")
     assert "Dask DataFrame Structure" in _output(nb, "dask.datasets.timeseries(")

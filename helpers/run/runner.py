@@ -62,6 +62,7 @@ def execute(
         kernel_name=KERNEL,
         progress_bar=False,
         execution_timeout=timeout,
+        kernel_manager_class=_ipc_kernel_manager(),
     )
     if html:
         from nbconvert import HTMLExporter
@@ -69,6 +70,19 @@ def execute(
         body, _ = HTMLExporter().from_filename(str(out))
         out.with_suffix(".html").write_text(body)
     return out
+
+
+def _ipc_kernel_manager() -> type:
+    """nbclient's kernel manager, talking to the kernel over Unix sockets (in Jupyter's private
+    runtime folder) instead of TCP: no port opens, and the kernel has nothing to warn about
+    ("Kernel is running over TCP without encryption", once per notebook)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
 
 
 @contextmanager

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check install browser lab s3 bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install browser lab s3 tensorboard bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.run.demo
@@ -43,6 +43,11 @@ lab: $(STAMP)  ## JupyterLab on loopback, rooted at the repository (the notebook
 	  --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" \
 	  --LabApp.default_url=/lab/tree/notebooks/01-dask-basics.ipynb \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# The monitor writes every job's run beside its checkpoint folder (build/checkpoints/runs/ for the
+# notebooks' defaults) or under build/runs/; TensorBoard finds every run under build/.
+tensorboard: $(STAMP)  ## TensorBoard on 127.0.0.1:6006: every training run under build/, side by side
+	$(BIN)/tensorboard --logdir build --host 127.0.0.1 --port 6006
 
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3.server serve --dir .s3data

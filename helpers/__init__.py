@@ -10,6 +10,7 @@ The notebooks' modules (each imported by at least one notebook)::
     train        the per-rank training function, its loop and its evaluation
     memory       what one rank holds while it trains (DDP against FSDP), measured on the workers
     monitor      metrics from the workers to the notebook, live plots while a job runs
+    runs         a job's records as a TensorBoard run (the monitor writes it, on the client)
     baseline     chance and what colour alone can tell
     checkpoint   save, load, resume (DDP's whole, FSDP's sharded), the model cache of inference
     inference    batch prediction, one task per batch of keys or per shard

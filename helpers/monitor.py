@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from helpers.runs import TensorBoardRun
 from helpers.show.lines import epoch_line, progress_line, restart_line
 
 if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
@@ -52,19 +53,24 @@ def _one_gpu(pynvml, i: int) -> dict:
 
 
 class Monitor:
-    """Collects the records published on ``topic`` (and, with GPUs, samples their use)."""
+    """Collects the records published on ``topic`` (and, with GPUs, samples their use). With
+    ``run_dir``, also writes them there as a TensorBoard run (:mod:`helpers.runs`), with
+    ``config`` (the job's ``TrainConfig``) as its hparams; :meth:`close` finishes the run."""
 
-    def __init__(self, client, topic: str = "training"):
+    def __init__(self, client, topic: str = "training", run_dir=None, config: Any = None):
         self.client, self.topic = client, topic
         self.records: list[dict] = []
         self.gpu: list[dict] = []
         self._lock = threading.Lock()
+        self.run = TensorBoardRun(run_dir, config) if run_dir else None
         client.subscribe_topic(topic, self._on_event)
 
     def _on_event(self, event) -> None:
         _, record = event  # (timestamp, msg)
         with self._lock:
             self.records.append(dict(record))
+        if self.run is not None:
+            self.run.record(record)
 
     def frame(self, kind: str | None = None) -> pd.DataFrame:
         """The records so far as a DataFrame (``kind``: "step" or "epoch")."""
@@ -113,7 +119,10 @@ class Monitor:
 
     def sample_gpus(self) -> None:
         for worker, stats in self.client.run(gpu_stats).items():
-            self.gpu += [{"worker": worker, **s} for s in stats]
+            for s in stats:
+                self.gpu.append({"worker": worker, **s})
+                if self.run is not None:
+                    self.run.gpu(self.gpu[-1])
 
     def follow(
         self, job: Future, refresh_s: float = 2.0, gpus: bool = False, draw: Callable | None = None
@@ -172,7 +181,10 @@ class Monitor:
         return len(ends), drawn
 
     def close(self) -> None:
+        """Stop listening; a TensorBoard run gets its hparams and is closed."""
         self.client.unsubscribe_topic(self.topic)
+        if self.run is not None:
+            self.run.close()
 
     def save(self, path: str) -> None:
         """Keep the metrics with the run (CSV)."""

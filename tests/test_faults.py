@@ -187,14 +187,16 @@ def test_a_killed_worker_fails_the_job_naming_it_without_restarts(client, dogs, 
 
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(client, dogs, tmp_path):
     """One way in: ``max_restarts=1`` in the config is what the launcher obeys, with the call
-    a notebook and a script make alike."""
+    a notebook and a script make alike. The monitor's TensorBoard run, read back with
+    TensorBoard's own reader, holds the job's history: its epochs, its steps, its restart."""
     _, options, _ = dogs
     cfg = _train_config(dogs, tmp_path, max_restarts=1)
-    watch = monitor.Monitor(client, cfg.topic)
+    watch = monitor.Monitor(client, cfg.topic, tmp_path / "runs" / "job", cfg)
     job = ddp.start(client, train.train_rank, cfg, options)
     _, killed = _kill_rank_worker_at(client, watch, 1, step=2)
     history = job.result(timeout=300)
     records = list(watch.records)
+    watch.close()
     logging.getLogger(__name__).warning(
         "restarted and finished %.1f s after the kill: %s", time.monotonic() - killed, history[0][0]
     )
@@ -210,6 +212,25 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(client, dogs, tmp_p
     assert resumed["train_images"] == (steps - resumed["first_step"]) * 4  # the rest, once
     assert epochs[1]["first_step"] == 0 and epochs[1]["train_images"] == steps * 4
     assert checkpoint.load(cfg.checkpoint_url, options)["epoch"] == 2
+    _the_tensorboard_run_is_the_history(tmp_path / "runs" / "job", epochs, records, restart)
+
+
+def _the_tensorboard_run_is_the_history(folder, epochs, records, restart):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sizes = {"scalars": 0, "tensors": 0}  # everything, and the steps a restart repeats too
+    events = EventAccumulator(str(folder), size_guidance=sizes, purge_orphaned_data=False)
+    events.Reload()
+    for key in ("val_top1", "val_loss", "train_loss"):
+        written = [(e.step, e.value) for e in events.Scalars(f"epoch/{key}")]
+        assert written == [(e["epoch"], pytest.approx(e[key], rel=1e-6)) for e in epochs], key
+    steps = [r for r in records if r.get("kind") == "step" and r["rank"] == 0]
+    written = [e.value for e in events.Scalars("train/loss")]
+    assert written == [pytest.approx(r["loss"], rel=1e-6) for r in steps]
+    (cause,) = events.Tensors("restarts/cause/text_summary")
+    assert restart_line(restart, width=1000) in cause.tensor_proto.string_val[0].decode()
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| max_restarts | 1 |" in config
 
 
 def test_a_worker_told_to_stop_checkpoints_first_and_the_job_resumes_there(client, dogs, tmp_path):

@@ -43,14 +43,18 @@ def image_grid(
     size: float = 2.0,
     axes: Any = None,
 ) -> np.ndarray:
-    """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``; returns the Axes."""
+    """A grid of images (PIL or uint8 CHW tensors) titled with ``titles``, each wrapped to its
+    image's width (breed names such as Greater_Swiss_Mountain_dog would run into their
+    neighbours) with the rows spaced for the tallest; returns the Axes."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     n = len(images)
     nrows = max(1, math.ceil(n / ncols))
+    titles = [_wrap(t, int(size * TITLE_CHARS_PER_INCH)) for t in titles]
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
     if axes is None:
-        figsize = (ncols * size, nrows * size * 1.1)
+        figsize = (ncols * size, nrows * (size + TITLE_LINE_INCHES * lines))
         _, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
     axes = np.asarray(axes)
     for i, ax in enumerate(axes.flat):
@@ -111,6 +115,18 @@ def live_training(monitor: Monitor, axes: Any = None) -> Any:
     title = axes[0].figure.suptitle(lines, fontsize=9, family="monospace", y=1.02)
     title.set_verticalalignment("bottom")  # more lines grow upwards, above the plots
     return axes
+
+
+TITLE_CHARS_PER_INCH = 11  # characters of an 8-point title that fit an inch
+TITLE_LINE_INCHES = 0.17  # the height of one such line, with its spacing
+
+
+def _wrap(title: str, width: int) -> str:
+    """``title``'s lines wrapped at ``width`` characters, underscores read as spaces."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line.replace("_", " "), width) or line
+                     for line in title.split("\n"))  # fmt: skip
 
 
 def predictions(

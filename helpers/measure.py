@@ -115,3 +115,28 @@ def compare_formats(cfg: TrainConfig, options: dict | None) -> pd.DataFrame:
         if proxy:
             proxy.stop()
     return pd.DataFrame(rows).set_index("format")
+
+
+# S3 Standard's price for GET (and SELECT and other read) requests in US East (N. Virginia), as
+# aws.amazon.com/s3/pricing listed it in 2025; other regions and classes differ: pass your own.
+S3_GET_USD_PER_1000 = 0.0004
+S3_GET_PRICE_AS_OF = "S3 Standard, us-east-1, 2025 price list"
+STANFORD_DOGS_IMAGES = 20_580
+EPOCHS_OF_A_RUN = 90  # an ImageNet-style schedule
+
+
+def request_cost(
+    formats: pd.DataFrame,
+    usd_per_1000: float = S3_GET_USD_PER_1000,
+    full_images: int = STANFORD_DOGS_IMAGES,
+    epochs: int = EPOCHS_OF_A_RUN,
+) -> pd.DataFrame:
+    """What the GET requests of :func:`compare_formats` cost: per epoch here, and scaled to
+    ``full_images`` for ``epochs`` at the same GETs per image (shards of the same size)."""
+    per_image = formats["GET requests"] / formats["images"]
+    full = per_image * full_images
+    return formats[["images", "GET requests"]].assign(**{
+        "USD per epoch": formats["GET requests"] * usd_per_1000 / 1000,
+        f"GETs per epoch, {full_images:,} images": full.round(),
+        f"USD for {epochs} epochs": full * epochs * usd_per_1000 / 1000,
+    })  # fmt: skip

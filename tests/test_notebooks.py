@@ -81,6 +81,8 @@ def test_lazy_loading_notebook(s3, tmp_path):
     table = _output(nb, "seconds to first batch")
     assert "eager (whole split decoded)" in table and "lazy (keys + one batch)" in table
     assert "image/png" in _output(nb, "plots.image_grid(images")
+    cost = _output(nb, "measure.request_cost(formats)")  # what the epoch's GETs cost
+    assert "USD per epoch" in cost and "USD for 90 epochs" in cost and "shards" in cost
 
 
 def test_cluster_notebook(s3, tmp_path):

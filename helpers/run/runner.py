@@ -11,15 +11,20 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers.errors import ParameterError
 from helpers.s3 import server as s3server
+
+if TYPE_CHECKING:  # names for annotations only: importing costs nothing at run time
+    import nbformat
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "dask-dl"
+HTML = Path(__file__).resolve().parent / "html"  # the HTML export's template (alt texts)
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
@@ -33,6 +38,17 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
                 f"{[p.name for p in sorted(NOTEBOOKS.glob('*.ipynb'))]}"
             )
     return paths
+
+
+def stated_runtime(path: Path) -> str:
+    """What a notebook's first cell says it takes ("**Expected runtime:** ..." up to the end of
+    that sentence), or "not stated"."""
+    import json
+    import re
+
+    first = "".join(json.loads(path.read_text())["cells"][0]["source"])
+    found = re.search(r"\*\*Expected runtime:\*\*\s*(.+?)(?:\.\s|\.$|$)", first, re.S)
+    return " ".join(found.group(1).split()) if found else "not stated"
 
 
 def declared(path: Path) -> dict:
@@ -65,11 +81,37 @@ def execute(
         kernel_manager_class=_ipc_kernel_manager(),
     )
     if html:
-        from nbconvert import HTMLExporter
-
-        body, _ = HTMLExporter().from_filename(str(out))
-        out.with_suffix(".html").write_text(body)
+        out.with_suffix(".html").write_text(export_html(out))
     return out
+
+
+def export_html(path: Path) -> str:
+    """An executed notebook as HTML, JupyterLab's look, every output figure with alt text."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = describe_figures(nbformat.read(path, as_version=4))
+    exporter = HTMLExporter(template_name="described", extra_template_basedirs=[str(HTML)])
+    return exporter.from_notebook_node(nb)[0]
+
+
+def describe_figures(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Give every output figure an alt text for the HTML export: the first sentence of the prose
+    just before its cell (what the notebook says the figure shows), with the cell's number."""
+    import re
+
+    said = ""
+    for number, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            text = re.sub(r"[#*`>]|!\[[^\]]*\]\([^)]*\)|\[([^\]]*)\]\([^)]*\)", r"\1", cell.source)
+            said = re.split(r"(?<=[.:!?])\s", " ".join(text.split()), maxsplit=1)[0][:240]
+            continue
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                meta = output.setdefault("metadata", {}).setdefault("image/png", {})
+                meta.setdefault("alt", f"Figure of cell {number}: {said}" if said else
+                                f"Figure of cell {number}")  # fmt: skip
+    return nb
 
 
 def _ipc_kernel_manager() -> type:

@@ -37,3 +37,14 @@ def test_make_demo_fails_by_default_and_only_warns_when_asked(tmp_path, monkeypa
         demo.main(["--out", str(tmp_path / "notebooks")])
     demo.main(["--out", str(tmp_path / "notebooks"), "--warn-only"])
     assert "WARNING (04): the CNN did not learn" in capsys.readouterr().out
+
+
+def test_every_notebook_states_its_runtime_and_the_demo_prints_it_beside_the_measured(tmp_path):
+    from helpers.run import runner
+
+    stated = {p.name: runner.stated_runtime(p) for p in runner.notebook_paths()}
+    assert "not stated" not in stated.values(), stated
+    assert all(" s " in s or s.endswith(" s") or "min" in s for s in stated.values()), stated
+    path = runner.notebook_paths(["04"])[0]
+    (line,) = demo.timings([(tmp_path / path.name, 623.4)])
+    assert "623 s" in line and f"stated: {stated[path.name].split(' (measured')[0]}" in line

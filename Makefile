@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check install browser lab s3 tensorboard bench bench-loading bench-ddp bench-fsdp bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install browser lab s3 tensorboard bench bench-loading bench-ddp bench-fsdp bench-demo bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.run.demo
@@ -63,6 +63,9 @@ bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
 
 bench-fsdp: $(STAMP)  ## per-rank state, peak memory and step time: FSDP vs DDP
 	$(BIN)/python -m bench.bench_fsdp
+
+bench-demo: $(STAMP)  ## the demo's runtimes, each notebook's against the time it states
+	$(BIN)/python -m bench.demo_runtimes
 
 bench-gpu: $(STAMP)  ## notebook 04's route on a GPU vs tensors already there (CPU: a smoke run)
 	$(BIN)/python -m bench.bench_gpu

@@ -171,3 +171,21 @@ def test_fsdp_benchmark_measures_both_strategies_and_records_both_targets(tmp_pa
     targets = bench.to_record(result)["targets"]
     assert [t["target"] for t in targets] == [bench.STATE_TARGET, bench.STEP_TARGET]
     assert targets[0]["met"]
+
+
+def test_demo_runtimes_hold_each_statement_to_the_time_measured():
+    bench = _load("demo_runtimes")
+    assert bench.stated_seconds("516 s (under 9 minutes) with the defaults") == 516
+    passes = [
+        {"notebook": "04-x.ipynb", "seconds": 600.0, "stated_s": 516.0},
+        {"notebook": "03-x.ipynb", "seconds": 12.0, "stated_s": 4.0},  # within 10 s: true
+        {"notebook": "07-x.ipynb", "seconds": 400.0, "stated_s": 165.0},  # 2.4x: not true
+        {"notebook": "sweep", "seconds": 150.0, "stated_s": None},  # states nothing
+    ]
+    rec = bench.to_record({"passes": passes, "wall_s": 1.0, "sweep_workers": [1, 2]})
+    met = {t["name"]: t["met"] for t in rec["targets"]}
+    assert len(met) == 6
+    assert met["04-x.ipynb: seconds, stated 516 (at most)"]
+    assert met["04-x.ipynb: seconds, stated 516 (at least)"]
+    assert met["03-x.ipynb: seconds, stated 4 (at most)"]
+    assert not met["07-x.ipynb: seconds, stated 165 (at most)"]

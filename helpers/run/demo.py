@@ -61,7 +61,7 @@ def timings(done: list[tuple[Path, float]]) -> list[str]:
     for path, seconds in done:
         source = runner.NOTEBOOKS / path.name
         stated = runner.stated_runtime(source) if source.exists() else "notebook 04 per count"
-        stated = stated.split(" (measured")[0]  # its figure, without where it was measured
+        stated = stated.split(" (`bench/results/")[0]  # its figure, not the record it cites
         lines.append(f"  {path.name:<42} {seconds:5.0f} s   stated: {stated}")
     return lines
 

@@ -47,4 +47,5 @@ def test_every_notebook_states_its_runtime_and_the_demo_prints_it_beside_the_mea
     assert all(" s " in s or s.endswith(" s") or "min" in s for s in stated.values()), stated
     path = runner.notebook_paths(["04"])[0]
     (line,) = demo.timings([(tmp_path / path.name, 623.4)])
-    assert "623 s" in line and f"stated: {stated[path.name].split(' (measured')[0]}" in line
+    assert "623 s" in line and f"stated: {stated[path.name].split(' (`bench/')[0]}" in line
+    assert "bench/results/demo_runtimes-" in stated[path.name]  # it quotes a record

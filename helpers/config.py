@@ -28,6 +28,9 @@ IMAGE_SETS = ("val", "train", "all")
 FORMATS = ("auto", "objects", "shards")  # where the images are read from; "auto": shards if any
 TRAIN_FORMATS = (*FORMATS, "synthetic")  # synthetic: the benchmarks' no-data ceiling
 DECODES = ("auto", "cpu", "gpu")
+# Whose nvJPEG binding decodes under decode="gpu": torchvision's (deprecated since torchvision
+# 0.29) or TorchCodec's, its successor. Which is faster on a GPU is bench_gpu's to measure.
+GPU_DECODERS = ("torchvision", "torchcodec")
 # Training crops cover CROP_SCALE to all of the image's area. ImageNet's recipe draws from 0.08;
 # the demo's 10 short epochs learn more from lighter crops (bench/results/calibration.json).
 CROP_SCALE = 0.5
@@ -106,6 +109,7 @@ class TrainConfig(JobConfig):
     decode: str = "auto"  # JPEG decoding: "cpu" (loader processes), "gpu" (nvJPEG), "auto"
     prefetch: int = 0  # batches each loader process keeps ready; 0 = the loader's default
     decode_batch: int = 0  # images per nvJPEG call under GPU decode; 0 = the whole batch
+    gpu_decoder: str = "torchvision"  # whose nvJPEG under GPU decode: GPU_DECODERS
     cache_dir: str = ""  # local disk cache for fetched images ("" = none)
     checkpoint_url: str = ""  # folder (local or s3://) for checkpoint.pt ("" = none)
     resume: bool = False  # continue from checkpoint_url's checkpoint if there is one
@@ -130,6 +134,7 @@ class TrainConfig(JobConfig):
             )
         allowed("data_format", self.data_format, TRAIN_FORMATS)
         allowed("decode", self.decode, DECODES)
+        allowed("gpu_decoder", self.gpu_decoder, GPU_DECODERS)
         _at_least(self, ("image_size",), 32)
         _at_least(self, ("epochs", "batch_size", "log_every", "keep_checkpoints"), 1)
         _at_least(self, ("checkpoint_every", "loader_workers", "max_steps", "threads"), 0)

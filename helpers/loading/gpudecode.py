@@ -4,9 +4,12 @@ With ``decode="gpu"`` (``"auto"`` on CUDA) the loader processes only fetch: a da
 hook (:func:`keep_jpeg`) keeps each image's bytes, the loader's collate
 (:func:`helpers.loading.dataloader.collate`) packs a batch of them into one flat
 :class:`JpegBatch` (a few hundred KB instead of the decoded batch's tens of MB, pinned by the
-DataLoader), and :class:`ToDevice`, on the rank, decodes it with nvJPEG
-(``torchvision.io.decode_jpeg(..., device="cuda")``) and crops, resizes and flips it there with
-:mod:`helpers.loading.transforms`' tensor path: the CPU path's augmentation, on the GPU.
+DataLoader), and :class:`ToDevice`, on the rank, decodes it with nvJPEG and crops, resizes and
+flips it there with :mod:`helpers.loading.transforms`' tensor path: the CPU path's augmentation,
+on the GPU. Two libraries call nvJPEG (``gpu_decoder``, :func:`batch_decoder`): torchvision
+(``torchvision.io.decode_jpeg``, the default, deprecated since torchvision 0.29) and TorchCodec
+(``torchcodec.decoders.decode_jpeg``, its successor, which also turns a photo by its EXIF
+orientation, as a viewer shows it; PIL and torchvision do not).
 
 A JPEG nvJPEG cannot take (CMYK or an unusual frame type, seen in its header; or one it rejects)
 is decoded by the CPU decoder instead, one image at a time, and counted in ``ToDevice.stats``;
@@ -20,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from helpers.config import CROP_SCALE, DECODES, allowed
+from helpers.config import CROP_SCALE, DECODES, GPU_DECODERS, allowed
 from helpers.errors import BadImageError, ParameterError
 from helpers.loading import transforms
 from helpers.loading.objects import S3ImageDataset
@@ -46,6 +49,24 @@ def resolve_decode(decode: str, device: torch.device) -> str:
             "decode='auto' (the GPU where there is one) or decode='cpu'"
         )
     return decode
+
+
+def batch_decoder(library: str):
+    """``decode(tensors, device) -> list of uint8 (3, H, W)``: one call of ``library``'s nvJPEG
+    binding (on a CPU device, its CPU decoder) for a list of JPEGs; raises on a bad one."""
+    allowed("gpu_decoder", library, GPU_DECODERS)
+    if library == "torchcodec":
+        try:
+            from torchcodec.decoders import decode_jpeg as codec
+        except ImportError as err:
+            raise ParameterError(
+                f"gpu_decoder='torchcodec' needs TorchCodec ({err}): pip install torchcodec, "
+                "or gpu_decoder='torchvision'"
+            ) from err
+        return lambda tensors, device: codec(tensors, mode="RGB", device=device)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return lambda tensors, device: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def jpeg_frame(blob: bytes) -> tuple[int, int] | None:
@@ -141,15 +162,19 @@ class JpegBatch:
 
 
 def decode_jpegs(
-    batch: JpegBatch, device: torch.device, chunk: int = 0, stats: dict | None = None
+    batch: JpegBatch,
+    device: torch.device,
+    chunk: int = 0,
+    stats: dict | None = None,
+    decode=None,
 ) -> list:
     """Each image of ``batch`` as uint8 (3, H, W) on ``device``, or None where no decoder can
-    read it. nvJPEG takes ``chunk`` images a call (0: all); an image it is not given or rejects
-    goes to the CPU decoder. ``stats`` counts them by cause (:data:`FALLBACKS`): not given
+    read it. nvJPEG (``decode``, a :func:`batch_decoder`; torchvision's by default) takes
+    ``chunk`` images a call (0: all); an image it is not given or rejects goes to the CPU
+    decoder. ``stats`` counts them by cause (:data:`FALLBACKS`): not given
     (``"fallback_header"``: its header says nvJPEG cannot take it), rejected
     (``"fallback_rejected"``), and, of both, ``"unreadable"`` by any decoder."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode = decode or batch_decoder("torchvision")
     stats = stats if stats is not None else {}
     blobs = batch.blobs()
     out: list = [None] * len(blobs)
@@ -158,9 +183,9 @@ def decode_jpegs(
     for start in range(0, len(gpu), step):
         part = gpu[start : start + step]
         try:
-            images = decode_jpeg([blobs[k] for k in part], mode=ImageReadMode.RGB, device=device)
+            images = decode([blobs[k] for k in part], device)
         except RuntimeError:  # one bad image fails the call: find it, one by one
-            images = [_one(blobs[k], device) for k in part]
+            images = [_one(decode, blobs[k], device) for k in part]
         for k, image in zip(part, images, strict=True):
             out[k] = image
     given = set(gpu)
@@ -173,11 +198,9 @@ def decode_jpegs(
     return out
 
 
-def _one(blob, device):
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+def _one(decode, blob, device):
     try:
-        return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+        return decode([blob], device)[0]
     except RuntimeError:
         return None
 
@@ -210,11 +233,13 @@ class ToDevice:
         train: bool,
         decode_batch: int = 0,
         crop_scale: float = CROP_SCALE,
+        gpu_decoder: str = "torchvision",
     ):
         import torch
 
         self.image_size, self.train, self.decode_batch = image_size, train, decode_batch
-        self.crop_scale = crop_scale
+        self.crop_scale, self.gpu_decoder = crop_scale, gpu_decoder
+        self._decode = None  # gpu_decoder's batch_decoder, made on the first bytes batch
         self.generator = torch.Generator()
         self.stats: dict[str, int] = {}
         self._streams: dict = {}
@@ -244,7 +269,8 @@ class ToDevice:
         no image of a bytes batch could be decoded."""
         if isinstance(images, JpegBatch):
             before = [self.stats.get(k, 0) for k in FALLBACKS]
-            decoded = decode_jpegs(images, device, self.decode_batch, self.stats)
+            self._decode = self._decode or batch_decoder(self.gpu_decoder)
+            decoded = decode_jpegs(images, device, self.decode_batch, self.stats, self._decode)
             keep = [k for k, x in enumerate(decoded) if x is not None]
             if len(keep) < len(decoded):
                 labels, decoded = labels[keep], [decoded[k] for k in keep]

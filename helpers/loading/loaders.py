@@ -79,7 +79,9 @@ def _transforms(cfg: TrainConfig, gpu: bool = False) -> tuple:
 
 
 def _mover(cfg: TrainConfig, train: bool) -> gpudecode.ToDevice:
-    return gpudecode.ToDevice(cfg.image_size, train, cfg.decode_batch, cfg.crop_scale)
+    return gpudecode.ToDevice(
+        cfg.image_size, train, cfg.decode_batch, cfg.crop_scale, cfg.gpu_decoder
+    )
 
 
 def _object_batches(cfg, options, rank, manifest, split, pin: bool, gpu: bool) -> tuple:

@@ -11,6 +11,7 @@ or a swapped axis gives tens of levels.
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from helpers import ddp, prepare
-from helpers.config import CROP_SCALE, TrainConfig
+from helpers.config import CROP_SCALE, GPU_DECODERS, TrainConfig
 from helpers.errors import BadImageError
 from helpers.loading import dataloader, gpudecode, transforms
 from helpers.loading.batches import without_padding
@@ -85,7 +86,8 @@ def test_jpeg_header_routes_what_nvjpeg_cannot_take_to_the_cpu():
     assert not gpudecode.for_nvjpeg(b"not an image at all")
 
 
-def test_bytes_batches_decode_with_fallbacks_counted_and_labels_aligned():
+@pytest.mark.parametrize("library", GPU_DECODERS)
+def test_bytes_batches_decode_with_fallbacks_counted_and_labels_aligned(library):
     good, cmyk, png = _photo(seed=1), _photo(mode="CMYK"), _photo(fmt="PNG")
     broken = good[:200] + bytes(len(good) - 200)  # a JPEG header, then zeros: no decoder reads it
     with pytest.raises(BadImageError, match="key7"):
@@ -94,7 +96,7 @@ def test_bytes_batches_decode_with_fallbacks_counted_and_labels_aligned():
     samples.insert(1, (broken, 9))
     images, labels = dataloader.collate(samples)
     assert len(images) == 4 and images.nvjpeg.tolist() == [True, True, False, False]
-    mover = gpudecode.ToDevice(32, train=False)
+    mover = gpudecode.ToDevice(32, train=False, gpu_decoder=library)
     x, y = mover(images, labels, torch.device("cpu"))
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.uint8
     assert y.tolist() == [0, 1, 2]  # the broken one left out, its label with it
@@ -122,6 +124,24 @@ def test_padding_mask_selects_from_a_bytes_batch():
     assert [b.numpy().tobytes() for b in images.blobs()] == blobs[:2]
 
 
+@pytest.mark.parametrize("library", GPU_DECODERS)
+def test_both_libraries_decode_a_jpeg_as_pil_does(library):
+    blob = _photo(seed=3)
+    x = gpudecode.batch_decoder(library)(
+        [torch.frombuffer(bytearray(blob), dtype=torch.uint8)], "cpu"
+    )
+    pil = torch.from_numpy(np.asarray(transforms.decode_image(blob, "k"))).permute(2, 0, 1)
+    assert x[0].shape == pil.shape and (pil.float() - x[0].float()).abs().mean() < TOLERANCE
+
+
+def test_gpu_decoder_is_checked_by_name_and_a_missing_library_is_named(monkeypatch):
+    with pytest.raises(ValueError, match="gpu_decoder='nvjpeg'; allowed: 'torchvision'"):
+        TrainConfig(data_url="x", gpu_decoder="nvjpeg")
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if not installed
+    with pytest.raises(ValueError, match="gpu_decoder='torchcodec' needs TorchCodec"):
+        gpudecode.batch_decoder("torchcodec")
+
+
 def test_decode_parameter_is_checked_by_name():
     with pytest.raises(ValueError, match="decode="):
         TrainConfig(data_url="x", decode="nvjpeg")
@@ -134,12 +154,13 @@ def test_decode_parameter_is_checked_by_name():
 
 
 @pytest.mark.gpu
-def test_nvjpeg_decodes_a_batch_as_pil_does_and_counts_fallbacks_by_cause():
-    cuda = torch.device("cuda")
+@pytest.mark.parametrize("library", GPU_DECODERS)
+def test_nvjpeg_decodes_a_batch_as_pil_does_and_counts_fallbacks_by_cause(library):
+    cuda, decode = torch.device("cuda"), gpudecode.batch_decoder(library)
     good = [_photo(seed=s) for s in range(4)]
     blobs = [*good, _photo(mode="CMYK"), good[0][:200] + bytes(len(good[0]) - 200)]
     stats: dict = {}
-    out = gpudecode.decode_jpegs(gpudecode.JpegBatch.of(blobs), cuda, chunk=3, stats=stats)
+    out = gpudecode.decode_jpegs(gpudecode.JpegBatch.of(blobs), cuda, 3, stats, decode)
     assert all(x.device.type == "cuda" for x in out[:5]) and out[5] is None
     for blob, x in zip(good, out[:4], strict=True):
         pil = torch.from_numpy(np.asarray(transforms.decode_image(blob, "k"))).permute(2, 0, 1)

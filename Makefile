@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check install browser lab s3 tensorboard bench bench-loading bench-ddp bench-fsdp bench-demo bench-gpu bench-report sweep lint format clean
+.PHONY: demo test check install browser lab s3 tensorboard bench bench-loading bench-ddp bench-fsdp bench-decoders bench-demo bench-gpu bench-report sweep lint format clean
 
 demo: $(STAMP)  ## execute every notebook against the embedded S3 and a local cluster
 	$(BIN)/python -m helpers.run.demo
@@ -52,7 +52,7 @@ tensorboard: $(STAMP)  ## TensorBoard on 127.0.0.1:6006: every training run unde
 s3: $(STAMP)  ## keep an embedded S3 server running (notebooks with s3_endpoint='embedded' reuse it)
 	$(BIN)/python -m helpers.s3.server serve --dir .s3data
 
-bench: bench-loading bench-ddp bench-fsdp bench-report  ## CPU benchmarks, each writing a record to bench/results/
+bench: bench-loading bench-ddp bench-fsdp bench-decoders bench-report  ## CPU benchmarks, each writing a record to bench/results/
 
 bench-loading: $(STAMP)  ## data loading: shards and per-object vs ImageFolder and the peers (2 runs)
 	$(BIN)/python -m bench.bench_loading --images photos
@@ -63,6 +63,9 @@ bench-ddp: $(STAMP)  ## DDP launch and per-step time: Dask vs torchrun
 
 bench-fsdp: $(STAMP)  ## per-rank state, peak memory and step time: FSDP vs DDP
 	$(BIN)/python -m bench.bench_fsdp
+
+bench-decoders: $(STAMP)  ## JPEG decoding: TorchCodec vs PIL and torchvision (CPU; CUDA on a GPU)
+	$(BIN)/python -m bench.decoders
 
 bench-demo: $(STAMP)  ## the demo's runtimes, each notebook's against the time it states
 	$(BIN)/python -m bench.demo_runtimes

@@ -21,9 +21,11 @@ limit) has measured what matters:
 1. ``synthetic``: the ceiling. The same ``ddp.run``, loop, DDP, AMP, channels_last and batch, fed
    one random batch already on the GPU (``data_format="synthetic"``): no fetch, decode or copy;
 2. ``shards/gpu`` at the grid's first point: the tutorial's route on a GPU;
-3. ``objects/gpu`` at that point: one GET per image instead of shards;
-4. ``shards/cpu`` at that point: decoding in the loader processes;
-5. the rest of the grid (loader processes, prefetch depth, nvJPEG decode batch).
+3. ``torchcodec shards/gpu`` at that point: the same, TorchCodec's nvJPEG binding instead of
+   torchvision's (``gpu_decoder="torchcodec"``);
+4. ``objects/gpu`` at that point: one GET per image instead of shards;
+5. ``shards/cpu`` at that point: decoding in the loader processes;
+6. the rest of the grid (loader processes, prefetch depth, nvJPEG decode batch).
 
 The record is rewritten after every pass: the passes done, and the rest marked not run with why
 (the time budget, or a run that ended before them). Targets (one H100 or H200; ratios within
@@ -127,6 +129,13 @@ def plan(s: Settings, cuda: bool) -> list[dict]:
     passes = [
         dict(name="synthetic", data_format="synthetic", decode="auto", **point(first)),
         dict(name=f"shards/gpu {first}", data_format="shards", decode="gpu", **point(first)),
+        dict(
+            name=f"torchcodec shards/gpu {first}",
+            data_format="shards",
+            decode="gpu",
+            gpu_decoder="torchcodec",
+            **point(first),
+        ),
         dict(name=f"objects/gpu {first}", data_format="objects", decode="gpu", **point(first)),
     ]
     cpu_points = list(dict.fromkeys((g[0], g[1], 0) for g in s.grid))
@@ -327,7 +336,8 @@ def _one_pass(this: Run, entry: dict, client, options: dict) -> None:
         {
             k: entry[k]
             for k in ("data_format", "decode", "loader_workers", "prefetch", "decode_batch")
-        },
+        }
+        | {"gpu_decoder": entry.get("gpu_decoder", "torchvision")},
     )
     if fields["decode"] == "gpu" and not this.cuda:
         entry.update(status="skipped", why="decode='gpu' needs CUDA")
@@ -375,12 +385,16 @@ def summary(passes: list[dict], skipped: dict) -> dict:
         k: _best(passes, k)
         for k in ("synthetic", "shards/gpu", "shards/cpu", "objects/gpu", "objects/cpu")
     }
+    codec = _best(passes, "torchcodec shards/gpu")
     return {
         "best": {k: p and p["name"] for k, p in best.items()},
         "ratios": {
             "route / synthetic": _ratio(best["shards/gpu"], best["synthetic"]),
             "GPU decode / CPU decode (shards)": _ratio(best["shards/gpu"], best["shards/cpu"]),
             "per-object / shards (GPU decode)": _ratio(best["objects/gpu"], best["shards/gpu"]),
+            "TorchCodec / torchvision nvJPEG (shards, GPU decode, same point)": _ratio(
+                codec, codec and _best(passes, codec["name"].removeprefix("torchcodec "))
+            ),
         },
         "skipped": skipped,
     }

@@ -13,14 +13,17 @@
 # `run` ends within BUDGET_S (6 minutes), wheel install included: the benchmark starts no pass
 # that would end past its share (the most telling passes go first, and its record is rewritten
 # after every pass, to bench/results/ and to $OUT where the runner sets it), then `pytest -m gpu`
-# gets 2 minutes and its summary line joins the record; then bench/bench_fsdp.py (one NCCL rank,
-# FSDP against DDP; tiny sizes on a CPU) gets 75 s for a record of its own, noted in the route's.
+# gets 2 minutes and its summary line joins the record; bench/decoders.py (TorchCodec against
+# torchvision's nvJPEG, and on the CPU against PIL) gets 40 s and bench/bench_fsdp.py (one NCCL
+# rank, FSDP against DDP; tiny sizes on a CPU) 75 s, each for a record of its own, noted in the
+# route's.
 # With network and `make install`, a GPU machine runs the same benchmark with `make bench-gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET_S=${BUDGET_S:-360}
 TESTS_S=120
+DECODERS_S=40
 FSDP_S=75
 START=$(date +%s)
 
@@ -29,7 +32,7 @@ START=$(date +%s)
 route() {
     local py=$1 results=$2 left bench_s rec
     left=$((BUDGET_S - ($(date +%s) - START)))
-    bench_s=$((left - TESTS_S - FSDP_S - 15))
+    bench_s=$((left - TESTS_S - DECODERS_S - FSDP_S - 15))
     echo "== bench_gpu: ${bench_s} s of the ${BUDGET_S} s budget"
     timeout -k 10 $((bench_s + 20)) "$py" -m bench.bench_gpu --backend moto \
         --budget-s "$bench_s" --out "$results" | tee "${OUT:-$results}/bench_gpu.txt" || true
@@ -43,6 +46,12 @@ route() {
     line=${line:-"no summary line: pytest -m gpu ended after ${TESTS_S} s (see $log)"}
     echo "$line"
     "$py" -m bench.bench_gpu --note "$rec" "pytest -m gpu" "$line"
+    echo "== decoders: TorchCodec against today's decoders (at most ${DECODERS_S} s)"
+    timeout -k 5 "$DECODERS_S" "$py" -m bench.decoders --rounds 5 --records "$results" \
+        > "${OUT:-$results}/decoders.txt" 2>&1 || true
+    line=$(grep -E "speed nvjpeg|speed torchcodec\+augment|^record:" \
+        "${OUT:-$results}/decoders.txt" | tr '\n' ' ')
+    "$py" -m bench.bench_gpu --note "$rec" "decoders" "${line:-"no result within ${DECODERS_S} s"}"
     echo "== bench_fsdp: one NCCL rank a GPU, FSDP against DDP (at most ${FSDP_S} s)"
     local sizes="--cluster cuda --batch 64 --image 224 --steps 10"
     "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" ||

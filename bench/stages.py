@@ -29,8 +29,17 @@ def _ms(seconds: float, n: int) -> float:
 
 
 def _decode_transform(items: list[tuple[str, bytes]], tf, size: int) -> dict[str, float]:
-    """ms per image: decode with draft, without draft, and transform (of the draft decode)."""
+    """ms per image: decode with draft, without draft, with TorchCodec (full size, its CPU
+    decoder: the candidate of :mod:`bench.decoders`), and transform (of the draft decode)."""
+    import torch
+    from torchcodec.decoders import decode_jpeg
+
     out: dict[str, float] = {}
+    tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for _, blob in items]
+    start = time.perf_counter()
+    for t in tensors:
+        decode_jpeg(t, mode="RGB")
+    out["decode_torchcodec"] = _ms(time.perf_counter() - start, len(items))
     for label, draft in (("decode_draft", size), ("decode_full", None)):
         start = time.perf_counter()
         imgs = [transforms.decode_image(blob, key, draft) for key, blob in items]
@@ -89,13 +98,15 @@ def stage_costs(
 
 
 def describe(costs: dict[str, dict[str, float]]) -> str:
-    """``shards: fetch 0.40 + unpack 0.02 + decode 2.1 (full 2.1) + transform 1.9 ms/img; ...``"""
+    """``shards: fetch 0.40 + unpack 0.02 + decode 2.1 (full 2.1, TorchCodec 1.4) + transform
+    1.9 ms/img; ...`` (a record from before TorchCodec was measured shows no TorchCodec)."""
     parts = []
     for path, c in costs.items():
         extra = f" + unpack {c['unpack']:.2f}" if "unpack" in c else ""
+        codec = f", TorchCodec {c['decode_torchcodec']:.2f}" if "decode_torchcodec" in c else ""
         parts.append(
             f"{path}: fetch {c['fetch']:.2f}{extra} + decode {c['decode_draft']:.2f} "
-            f"(full {c['decode_full']:.2f}) + transform {c['transform']:.2f} ms/img"
+            f"(full {c['decode_full']:.2f}{codec}) + transform {c['transform']:.2f} ms/img"
         )
     return "; ".join(parts)
 

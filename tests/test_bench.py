@@ -3,6 +3,7 @@ move when a contender is slowed on purpose; the README table is built from recor
 
 import importlib
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def test_loading_benchmark_records_every_contender_and_its_ratios_move(tmp_path)
     names = {t["name"] for t in rec["targets"]}
     assert {f"{n}, draft off" for n, *_ in bench.rt.RATIOS} <= names
     assert {"met", "value", "target", "op"} <= set(rec["targets"][0])
+    cost = rec["results"]["request_cost"]
+    assert "0.0004 USD per 1,000 GETs (S3 Standard, us-east-1, 2025" in cost["price"]
+    for key, counted in rec["results"]["requests_per_epoch"].items():
+        row = cost["by_contender"][key]
+        assert row["GET requests"] == counted["requests"].get("GET", 0)  # local disk: none
+        assert row["USD per epoch"] == pytest.approx(row["GET requests"] * 0.0004 / 1000, 1e-3)
+    by = cost["by_contender"]
+    assert by["shards"]["USD for 90 epochs"] < by["objects"]["USD for 90 epochs"] / 2
     label = "shards / local-disk ImageFolder, draft on"
     before = rec["results"]["ratios"][label]["median"]
     # Slowed on purpose: 0.3 s after each of the shard path's ~4 batches per pass.
@@ -76,9 +85,10 @@ def test_gpu_route_benchmark_runs_on_cpu_too(tmp_path):
         pytest.skip("on a GPU this is the full grid: bash bench/gpu_route.sh run")
     rec = _load("bench_gpu").run(str(tmp_path))  # without CUDA: its tiny CPU settings
     names = [p["name"] for p in rec["passes"]]
-    assert names[:4] == [
+    assert names[:5] == [
         "synthetic",
         "shards/gpu (1, 2, 0)",
+        "torchcodec shards/gpu (1, 2, 0)",
         "objects/gpu (1, 2, 0)",
         "shards/cpu (1, 2, 0)",
     ]  # the most telling first
@@ -98,6 +108,24 @@ def test_gpu_route_benchmark_runs_on_cpu_too(tmp_path):
     assert [f.name for f in tmp_path.glob("bench_gpu-*.json")] == [Path(rec["path"]).name]
     assert len(rec["targets"]) == 5 and not any(t["met"] for t in rec["targets"])  # no GPU here
     assert all("CUDA" in why for why in rec["results"]["skipped"].values())
+
+
+def test_decoder_benchmark_times_both_decoders_and_records_the_adoption_targets(tmp_path):
+    bench = _load("decoders")
+    result = bench.run(images=4, sizes=(32, 64), rounds=2)
+    cpu = result["times"]["cpu 64 px"]
+    assert set(cpu) == {"pil", "pil-full", "torchvision", "torchcodec", "pil+augment",
+                        "torchcodec+augment"}  # fmt: skip
+    assert all(len(v) == 2 and min(v) > 0 for v in cpu.values())
+    r = result["ratios"]["cpu 64 px"]["torchcodec+augment / pil+augment"]
+    today, codec = (statistics.median(cpu[k]) for k in ("pil+augment", "torchcodec+augment"))
+    assert r["median"] == pytest.approx(today / codec, abs=1e-3)  # speed: today's time / its
+    rec = bench.to_record(result)
+    names = [t["name"] for t in rec["targets"]]
+    assert len(names) == 3 and "cpu, 32 px" in names[0] and "cuda, 64 px" in names[2]
+    assert rec["targets"][0]["value"] == result["ratios"]["cpu 32 px"][
+        "torchcodec+augment / pil+augment"]["median"]  # fmt: skip
+    assert rec["versions"]["torchcodec"]
 
 
 @pytest.mark.bench

@@ -90,6 +90,25 @@ def counting_pass(c: cn.Contender, draft: bool, upstream: str) -> dict:
     }
 
 
+def request_cost(counted: dict[str, dict]) -> dict:
+    """What each contender's GETs cost an epoch (:func:`helpers.measure.request_cost`): here,
+    and scaled to the full Stanford Dogs for a whole run, at the price and date it states."""
+    import pandas as pd
+
+    rows = {k: {"images": c["images"], "GET requests": c["requests"].get("GET", 0)}
+            for k, c in counted.items()}  # fmt: skip
+    if not rows:
+        return {}
+    cost = measure.request_cost(pd.DataFrame.from_dict(rows, orient="index"))
+    return {
+        "price": f"{measure.S3_GET_USD_PER_1000} USD per 1,000 GETs ({measure.S3_GET_PRICE_AS_OF})",
+        "by_contender": {
+            k: {c: float(f"{v:.4g}") for c, v in row.items()}  # 4 significant digits
+            for k, row in cost.to_dict(orient="index").items()
+        },
+    }
+
+
 def timed_passes(
     cs: list[cn.Contender], rounds: int, endpoint: str, server_pid: int | None, delay: dict
 ) -> list[dict]:
@@ -190,6 +209,7 @@ def run(
         "summary": summary,
         "ratios": ratio,
         "requests_per_epoch": counted,
+        "request_cost": request_cost(counted),
         "errors": errors,
         "stage_ms_per_image": costs,
         "calibration": photos.calibrate() if images == "photos" and profile else None,
@@ -235,6 +255,11 @@ def report(rec: dict) -> str:
             f"{t['name']}: {t['value']}{spread}  target {t['op']} {t['target']}  "
             f"{'MET' if t['met'] else 'MISSED'}"
         )
+    cost = res.get("request_cost") or {}
+    if cost:
+        lines += ["", f"GETs and their cost at {cost['price']}:"]
+        for k, row in cost["by_contender"].items():
+            lines.append(f"{k:<18} " + ", ".join(f"{c} {v:,.6g}" for c, v in row.items()))
     if res.get("stage_ms_per_image"):
         lines += ["", "stages, one process: " + stages.describe(res["stage_ms_per_image"])]
     if res.get("calibration"):

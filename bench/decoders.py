@@ -9,7 +9,8 @@ follows depends on where the decoding runs, so both places are measured:
   neither can draft). And the whole per-image work of a loader process, decoding then
   augmenting: ``pil+augment`` (today's: ``decode_image`` with draft, ``train_transform``)
   against ``torchcodec+augment`` (TorchCodec, then ``transforms.train_tensors``: adopting it on
-  the CPU means the tensor path there, since the PIL transforms take PIL images).
+  the CPU means the tensor path there, since the PIL transforms take PIL images), and
+  ``torchcodec-as-pil+augment`` (TorchCodec's tensor made a PIL image for today's transforms).
 - **CUDA**, when there is one: what :class:`helpers.loading.gpudecode.ToDevice` does with a
   batch of JPEG bytes, ``batch`` images a call, then the augmentation on the device,
   synchronised: ``nvjpeg/torchvision`` (today's) against ``nvjpeg/torchcodec``.
@@ -63,6 +64,7 @@ def photos(n: int, seed: int = 0) -> list[bytes]:
 def cpu_contenders(blobs: list[bytes], size: int) -> dict[str, Any]:
     """Name -> a callable that does its work on every image of ``blobs``."""
     import torch
+    from PIL import Image
     from torchcodec.decoders import decode_jpeg as codec
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as tv
@@ -78,6 +80,9 @@ def cpu_contenders(blobs: list[bytes], size: int) -> dict[str, Any]:
         "torchvision": lambda: [tv(t, mode=ImageReadMode.RGB) for t in tensors],
         "torchcodec": lambda: [codec(t, mode="RGB") for t in tensors],
         "pil+augment": lambda: [augment(transforms.decode_image(b, "k", size)) for b in blobs],
+        "torchcodec-as-pil+augment": lambda: [
+            augment(Image.fromarray(codec(t, mode="RGB").permute(1, 2, 0).numpy())) for t in tensors
+        ],
         "torchcodec+augment": lambda: [
             transforms.train_tensors([codec(t, mode="RGB")], size, g) for t in tensors
         ],
@@ -170,7 +175,8 @@ def _pairs(where: str) -> list[tuple[str, str]]:
     """(today's, other) pairs worth a ratio ``where`` (``"cpu 64 px"``, ``"cuda 224 px"``)."""
     if where.startswith("cpu"):
         return [("pil", "torchcodec"), ("pil-full", "torchcodec"), ("torchvision", "torchcodec"),
-                ("pil+augment", "torchcodec+augment")]  # fmt: skip
+                ("pil+augment", "torchcodec+augment"),
+                ("pil+augment", "torchcodec-as-pil+augment")]  # fmt: skip
     return [("nvjpeg/torchvision", "nvjpeg/torchcodec")]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from helpers.config import CROP_SCALE, DECODES, GPU_DECODERS, allowed
@@ -51,7 +51,11 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode
 
 
-def batch_decoder(library: str):
+# One call of a library's JPEG decoder: encoded uint8 tensors and a device -> decoded (3, H, W).
+BatchDecoder = Callable[[list, "torch.device"], list]
+
+
+def batch_decoder(library: str) -> BatchDecoder:
     """``decode(tensors, device) -> list of uint8 (3, H, W)``: one call of ``library``'s nvJPEG
     binding (on a CPU device, its CPU decoder) for a list of JPEGs; raises on a bad one."""
     allowed("gpu_decoder", library, GPU_DECODERS)
@@ -166,7 +170,7 @@ def decode_jpegs(
     device: torch.device,
     chunk: int = 0,
     stats: dict | None = None,
-    decode=None,
+    decode: BatchDecoder | None = None,
 ) -> list:
     """Each image of ``batch`` as uint8 (3, H, W) on ``device``, or None where no decoder can
     read it. nvJPEG (``decode``, a :func:`batch_decoder`; torchvision's by default) takes

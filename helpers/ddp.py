@@ -141,26 +141,41 @@ def _in_group(fn, rank: Rank, timeout: timedelta, args, kwargs):
     if rank.rank == 0:
         where = f"{rank.master_addr}:{rank.master_port}"
         log.info("DDP: %d ranks, backend %s, master %s", rank.world_size, backend, where)
-    dist.init_process_group(
-        backend,
-        store=store,
-        rank=rank.rank,
-        world_size=rank.world_size,
-        timeout=timeout,
-        device_id=device if device.type == "cuda" else None,
-    )
     try:
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank.rank,
+            world_size=rank.world_size,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
         return fn(*args, rank=rank, device=device, **kwargs)
     except Exception as err:
         err.failed_at = time.time()  # now, before the cleanup: peers react to it after
         raise
     finally:
         rankctl.release(rank.job)  # no stop may interrupt the cleanup below
-        # Destroying the group closes its sockets: peers blocked in a collective fail fast
-        # instead of waiting out the timeout.
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            # Destroying the group closes its sockets: peers blocked in a collective fail fast
+            # instead of waiting out the timeout.
+            dist.destroy_process_group()
+        else:  # stopped or failed inside init_process_group
+            _forget_group_names()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _forget_group_names() -> None:
+    """Undo what an unfinished ``init_process_group`` left behind in this worker: torch names
+    each new group by a per-process counter that it advances at the start of the call and resets
+    only in ``destroy_process_group``, which needs a finished group. A rank stopped mid-init
+    would otherwise leave its worker one name ahead, and the worker's next job would wait for
+    its peers under a store prefix they never write to (a timeout, not an error)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if hasattr(c10d, "_world") and hasattr(c10d._world, "group_count"):
+        c10d._world.group_count = 0
 
 
 def _store(rank: Rank, timeout: timedelta):

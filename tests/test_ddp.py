@@ -132,3 +132,27 @@ def test_cuda_cluster_gives_one_gpu_per_rank_over_nccl():
         results = ddp.run(c, _backend)
     assert {r["backend"] for r in results} == {"nccl"}
     assert all(r["device"].startswith("cuda") for r in results)
+
+
+def test_a_rank_stopped_inside_init_leaves_its_worker_as_its_peers(monkeypatch):
+    """A stop landing inside ``init_process_group`` (after torch named the group) must not leave
+    the worker one group name ahead: its next job's ranks would wait under different store
+    prefixes until the timeout (seen in CI: 'wait timeout ... keys: /1//cpu//0/0')."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from helpers.config import Rank
+    from helpers.errors import Stopped
+
+    def stopped_mid_init(*args, **kwargs):
+        c10d._process_group_name([], use_hashed_name=False)  # what init does first
+        raise Stopped("the job's stop switch")
+
+    monkeypatch.setattr(dist, "init_process_group", stopped_mid_init)
+    monkeypatch.setattr(ddp, "_store", lambda rank, timeout: None)
+    assert c10d._world.group_count == 0 and not dist.is_initialized()
+    with pytest.raises(Stopped):
+        ddp._in_group(lambda **kw: None, Rank.alone(), timedelta(seconds=5), (), {})
+    assert c10d._world.group_count == 0  # as on a peer that never started its init

@@ -136,6 +136,7 @@ def torchrun_worker(args: argparse.Namespace) -> None:
         )
         results = [None] * rank.world_size
         dist.all_gather_object(results, result)
+        dist.barrier()  # no rank tears the group down while a peer still talks in it
     finally:
         dist.destroy_process_group()
     if rank.rank == 0:
@@ -207,18 +208,28 @@ def time_torchrun(cfg: dict[str, Any]) -> dict[str, Any]:
         ]
         # torchrun sets OMP_NUM_THREADS=1 itself (with a warning), as Dask's nanny does.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        launched = time.time()
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-        )
-        finished = time.time()
-        if proc.returncode != 0:  # the ranks' own words come before torchrun's traceback
-            ranks, _, launcher = proc.stderr.rpartition("Traceback (most recent call last)")
-            raise RuntimeError(
-                f"torchrun failed ({proc.returncode}); its ranks said:\n{ranks[-6000:]}\n"
-                f"torchrun:\n{launcher[-2000:]}"
+        aborted: list[str] = []
+        while True:
+            launched = time.time()
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
             )
-        return _record(json.loads(out.read_text()), launched, finished)
+            finished = time.time()
+            if proc.returncode == 0:
+                run = _record(json.loads(out.read_text()), launched, finished)
+                return run | ({"aborted_before": aborted} if aborted else {})
+            # the ranks' own words come before torchrun's traceback
+            ranks, _, launcher = proc.stderr.rpartition("Traceback (most recent call last)")
+            if aborted or "(SIGABRT)" not in launcher:
+                raise RuntimeError(
+                    f"torchrun failed ({proc.returncode}); its ranks said:\n{ranks[-6000:]}\n"
+                    f"torchrun:\n{launcher[-2000:]}"
+                )
+            # A rank aborted inside torch ("terminate called without an active exception",
+            # seen twice in make test, not reproduced alone): run once more, and keep what it
+            # said with the run's record, so the crash is reported, not hidden.
+            log.warning("a torchrun rank aborted (SIGABRT); running once more: %s", ranks[-500:])
+            aborted.append(ranks[-2000:])
 
 
 def _record(results: list[dict], launched: float, finished: float) -> dict[str, Any]:

@@ -337,7 +337,7 @@ def _one_pass(this: Run, entry: dict, client, options: dict) -> None:
             k: entry[k]
             for k in ("data_format", "decode", "loader_workers", "prefetch", "decode_batch")
         }
-        | {"gpu_decoder": entry.get("gpu_decoder", "torchvision")},
+        | {k: entry[k] for k in ("gpu_decoder",) if k in entry},  # else TrainConfig's default
     )
     if fields["decode"] == "gpu" and not this.cuda:
         entry.update(status="skipped", why="decode='gpu' needs CUDA")

@@ -65,26 +65,30 @@ def cpu_contenders(blobs: list[bytes], size: int) -> dict[str, Any]:
     """Name -> a callable that does its work on every image of ``blobs``."""
     import torch
     from PIL import Image
-    from torchcodec.decoders import decode_jpeg as codec
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv
 
-    from helpers.loading import transforms
+    from helpers.loading import gpudecode, transforms
 
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     augment = transforms.train_transform(size)
     g = torch.Generator().manual_seed(0)
+
+    def one_at_a_time(library: str):
+        """The binding the GPU path calls (``gpudecode.batch_decoder``), its CPU decoder."""
+        decode = gpudecode.batch_decoder(library)
+        return lambda t: decode([t], "cpu")[0]
+
+    tv, codec = one_at_a_time("torchvision"), one_at_a_time("torchcodec")
     return {
         "pil": lambda: [transforms.decode_image(b, "k", size) for b in blobs],
         "pil-full": lambda: [transforms.decode_image(b, "k") for b in blobs],
-        "torchvision": lambda: [tv(t, mode=ImageReadMode.RGB) for t in tensors],
-        "torchcodec": lambda: [codec(t, mode="RGB") for t in tensors],
+        "torchvision": lambda: [tv(t) for t in tensors],
+        "torchcodec": lambda: [codec(t) for t in tensors],
         "pil+augment": lambda: [augment(transforms.decode_image(b, "k", size)) for b in blobs],
         "torchcodec-as-pil+augment": lambda: [
-            augment(Image.fromarray(codec(t, mode="RGB").permute(1, 2, 0).numpy())) for t in tensors
+            augment(Image.fromarray(codec(t).permute(1, 2, 0).numpy())) for t in tensors
         ],
         "torchcodec+augment": lambda: [
-            transforms.train_tensors([codec(t, mode="RGB")], size, g) for t in tensors
+            transforms.train_tensors([codec(t)], size, g) for t in tensors
         ],
     }
 

@@ -32,13 +32,15 @@ def _decode_transform(items: list[tuple[str, bytes]], tf, size: int) -> dict[str
     """ms per image: decode with draft, without draft, with TorchCodec (full size, its CPU
     decoder: the candidate of :mod:`bench.decoders`), and transform (of the draft decode)."""
     import torch
-    from torchcodec.decoders import decode_jpeg
+
+    from helpers.loading.gpudecode import batch_decoder
 
     out: dict[str, float] = {}
+    codec = batch_decoder("torchcodec")  # the GPU path's binding, with its CPU decoder
     tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for _, blob in items]
     start = time.perf_counter()
     for t in tensors:
-        decode_jpeg(t, mode="RGB")
+        codec([t], "cpu")
     out["decode_torchcodec"] = _ms(time.perf_counter() - start, len(items))
     for label, draft in (("decode_draft", size), ("decode_full", None)):
         start = time.perf_counter()
